@@ -1,0 +1,386 @@
+"""Block-AP over a whole model, streamed: the story of a run, top to bottom.
+
+    validate inputs (nothing written yet) -> open or resume the run directory -> check the disk
+    -> open the two activation streams (fp teacher, quantized student) -> embed the calibration windows
+    -> for each block: load (next one prefetched) -> fp stream <- block(fp stream)        [targets]
+                       -> wrap linears in fake-quant layers -> train on (quant stream, fp stream)
+                       -> freeze -> quant stream <- qblock(quant stream) -> pack + save -> commit
+    -> write embeddings/norm/lm_head, config, tokenizer, index -> summary
+
+Every stage boundary is recorded in the manifest (see checkpoint/state.py); a killed run started again with the
+same command continues at the first unfinished stage and ends with bit-identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from frugal_qat.arch import LINEAR_NAMES, block_forward, position_embeddings
+from frugal_qat.block_ap.train_block import (
+    TrainResult,
+    freeze_block,
+    make_optimizer,
+    train_block,
+    wrap_linears,
+)
+from frugal_qat.checkpoint.run_dir import (
+    extra_tensors,
+    is_run_dir,
+    save_block,
+    write_model_files,
+)
+from frugal_qat.checkpoint.state import (
+    RESULT_KEYS,
+    Manifest,
+    Progress,
+    diff_settings,
+    load_manifest,
+    load_train_checkpoint,
+    save_manifest,
+    save_train_checkpoint,
+)
+from frugal_qat.checkpoint.store import (
+    atomic_save_tensors,
+    atomic_write_json,
+    kill_point,
+    remove_partials,
+)
+from frugal_qat.config import RunConfig
+from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch
+from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
+from frugal_qat.offload.blocks import ModelSource
+from frugal_qat.offload.prefetch import WaitClock, prefetch
+from frugal_qat.quantizer import resolve_group_size
+
+log = logging.getLogger(__name__)
+
+
+# ---- set-up helpers ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def check_paths(model_dir: Path, out: Path) -> None:
+    """The source is never written to: refuse an output inside it (or around it), or a foreign directory."""
+    if out == model_dir or model_dir in out.parents or out in model_dir.parents:
+        raise ConfigError(f"--out {out} overlaps the source model {model_dir}; choose a separate run directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose an empty or new one")
+
+
+def check_layers(src: ModelSource, cfg: RunConfig) -> None:
+    """Every quantized layer's width must admit the group size: refuse now, not inside block 17's training."""
+    h = src.hf
+    head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
+    widths = {
+        "self_attn.q_proj": h.hidden_size,
+        "self_attn.k_proj": h.hidden_size,
+        "self_attn.v_proj": h.hidden_size,
+        "self_attn.o_proj": h.num_attention_heads * head_dim,
+        "mlp.gate_proj": h.hidden_size,
+        "mlp.up_proj": h.hidden_size,
+        "mlp.down_proj": h.intermediate_size,
+    }
+    for name in LINEAR_NAMES:
+        resolve_group_size(cfg.quant.group_size, widths[name], cfg.quant.wbits, name=f"layers.*.{name}")
+
+
+def packed_nbytes(src: ModelSource, wbits: int, group_size: int) -> int:
+    """Bytes of the run's model files: packed codes, fp16 scales, packed zeros, 16-bit extras."""
+    h = src.hf
+    head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
+    H, inter = h.hidden_size, h.intermediate_size
+    shapes = [(H, h.num_attention_heads * head_dim), (H, h.num_key_value_heads * head_dim),
+              (H, h.num_key_value_heads * head_dim), (h.num_attention_heads * head_dim, H),
+              (H, inter), (H, inter), (inter, H)]
+    per_block = 0
+    for fan_in, fan_out in shapes:
+        groups = 1 if group_size == -1 else fan_in // group_size
+        per_block += fan_in * fan_out * wbits // 8 + groups * fan_out * (2 + wbits / 8) + fan_in * 4
+    extras = h.vocab_size * H * 2 * (1 if src.tied else 2) + H * 2
+    return int(per_block * src.n_layers + extras)
+
+
+def disk_check(path: Path, needed: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OutOfSpace(
+            f"the run needs {needed / 2**30:.2f} GiB on {path} and {free / 2**30:.2f} GiB are free; "
+            "free space, point --work-dir at a larger disk, or lower --train-size/--seqlen"
+        )
+
+
+def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor, data_fp: str, restart: bool) -> Manifest:
+    """A new run directory, or the existing one if it is the same run (refusing with the differences otherwise)."""
+    model = {"path": str(src.dir), "fingerprint": src.store.fingerprint()}
+    data = {"calib": cfg.data.calib, "windows_sha256": data_fp, "shape": list(windows.shape)}
+    if is_run_dir(out) and restart:
+        log.warning("--restart: deleting the previous run in %s", out)
+        shutil.rmtree(out)
+    if is_run_dir(out):
+        m = load_manifest(out)
+        diffs = diff_settings({k: m.config.get(k) for k in RESULT_KEYS}, {k: cfg.to_dict()[k] for k in RESULT_KEYS})
+        if m.model["fingerprint"] != model["fingerprint"]:
+            diffs.append(f"model: run was made from {m.model['path']}, whose files differ from {src.dir}")
+        if m.data["windows_sha256"] != data_fp:
+            diffs.append(f"data: the calibration windows differ from the run's ({m.data['calib']} -> {cfg.data.calib})")
+        if diffs:
+            raise ResumeMismatch(
+                f"{out} holds a different run ({'; '.join(diffs)}); use the same settings to resume, another --out, or --restart"
+            )
+        harmless = diff_settings(m.config.get("offload", {}), cfg.to_dict()["offload"], "offload.")
+        for d in harmless:
+            log.warning("setting changed on resume (the new value wins): %s", d)
+        m.config = cfg.to_dict()
+        remove_partials(out)
+        log.info("resuming %s at block %d, stage %s", out, m.progress.block, m.progress.stage)
+        return m
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(out / "calib.safetensors", {"windows": windows.to(torch.int32)})
+    m = Manifest(command="block-ap", config=cfg.to_dict(), model=model, data=data, extra={"blocks": []})
+    save_manifest(out, m)
+    return m
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far (the kernel's high-water mark)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+
+def run_block_ap(
+    model_dir: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    windows: torch.Tensor,
+    *,
+    restart: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    show_progress: bool = True,
+) -> dict:
+    """Quantize ``model_dir`` into the run directory ``out``. ``windows`` [train+val, L]: calibration token ids."""
+    from frugal_qat.data.windows import fingerprint_windows
+
+    t_start = time.time()
+    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
+    q, d, b = cfg.quant, cfg.data, cfg.block_ap
+
+    # 1. Validate everything that can be validated before a byte is written.
+    check_paths(model_dir, out)
+    src = ModelSource(model_dir, seqlen=d.seqlen)
+    check_layers(src, cfg)
+    if tuple(windows.shape) != (d.train_size + d.val_size, d.seqlen):
+        raise ConfigError(f"calibration windows have shape {tuple(windows.shape)}, expected {(d.train_size + d.val_size, d.seqlen)}")
+    device = pick_device(cfg.offload.device)
+    n_all, H, L = d.train_size + d.val_size, src.hidden, d.seqlen
+    stream_shape = (n_all, L, H)
+    chunk = chunk_samples(stream_shape, cfg.offload.chunk_mb)
+
+    # 2. Open or resume the run, then make sure the disk holds what remains to be written.
+    m = open_run(out, cfg, src, windows, fingerprint_windows(windows), restart)
+    work = Path(cfg.offload.work_dir).resolve() if cfg.offload.work_dir else out / "work"
+    new_streams = m.progress.stage == "embed"
+    block_params = sum(t.numel() for t in src.store.block_state(0, dtype=None).values()) if new_streams else 0
+    needed = (2 * n_all * L * H * 2 if new_streams else 0) + chunk * L * H * 2 + block_params * 4 * 4
+    needed += packed_nbytes(src, q.wbits, q.group_size)
+    disk_check(work, needed)
+    (work / "ckpt").mkdir(parents=True, exist_ok=True)
+
+    # 3. The two activation streams: rows [0, train) train, rows [train, train+val) validate.
+    fp = Stream(work / "fp_stream.bin", stream_shape, create=new_streams)
+    qs = Stream(work / "quant_stream.bin", stream_shape, create=new_streams)
+    journal = work / "stream_journal.safetensors"
+    wait = WaitClock()
+
+    if m.progress.stage == "embed":
+        emb = src.embed_weight()
+        for s in range(0, n_all, chunk):
+            x = emb[windows[s : s + chunk].long()].half()
+            fp.write(s, x)
+            qs.write(s, x)
+        del emb
+        m.progress = Progress(block=0, stage="fp_update")
+        save_manifest(out, m)
+
+    # 4. Block by block. Block i+1's tensors are read from the shards while block i trains.
+    rot = src.rotary().to(device)
+    weight_lr = b.resolved_weight_lr(q.wbits)
+    steps_per_epoch = d.train_size // b.batch_size
+    first = m.progress.block if m.progress.stage not in ("finalize", "done") else src.n_layers
+    outer = tqdm(total=src.n_layers, initial=first, desc="block-ap", unit="block", disable=not show_progress)
+    pin = device.type == "cuda"
+
+    def to_device(x: torch.Tensor) -> torch.Tensor:
+        return (x.pin_memory() if pin else x).to(device, torch.float32, non_blocking=pin)
+
+    for i, state in prefetch(src.block_state, range(first, src.n_layers), depth=1, clock=wait):
+        t_block = time.time()
+        block = src.block(i, state).to(device)
+        del state  # the prefetcher already reads block i+1; drop our copy of block i's raw tensors
+
+        def run(mod, xs: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([
+                    block_forward(mod, to_device(xb), position_embeddings(rot, to_device(xb))).to("cpu", torch.float16)
+                    for xb in xs.split(b.batch_size)
+                ])
+
+        # 4a. Targets: the full-precision block applied to the fp stream, in place.
+        if m.progress.stage == "fp_update":
+            update_in_place(fp, lambda x: run(block, x), chunk, journal, tag=f"block{i}-fp", clock=wait)
+            kill_point("after_fp_update")
+            m.progress.stage = "train"
+            save_manifest(out, m)
+
+        # 4b. Train the fake-quantized block (or restore it from its in-block checkpoint).
+        linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}")
+        block.to(device)
+        optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr)
+        ckpt = work / "ckpt" / f"block_{i:05d}.safetensors"
+        result = TrainResult()
+        start_step = 0
+        if ckpt.is_file():
+            start_step, metrics = load_train_checkpoint(ckpt, block, optimizer)
+            result = TrainResult(**metrics)  # metrics of the epochs done before the kill ride along
+
+        def batches(first_step: int, lo: int = 0, count: int = steps_per_epoch):
+            def load(j: int):
+                rows = slice(lo + j * b.batch_size, lo + (j + 1) * b.batch_size)
+                return to_device(qs.read(rows.start, rows.stop)), to_device(fp.read(rows.start, rows.stop))
+
+            for _, xy in prefetch(load, range(first_step, count), depth=2, clock=wait):
+                yield xy
+
+        def validate() -> float:
+            if d.val_size == 0:
+                return float("nan")
+            total, n = 0.0, 0
+            with torch.no_grad():
+                for x, y in batches(0, lo=d.train_size, count=-(-d.val_size // b.batch_size)):
+                    out_ = block_forward(block, x, position_embeddings(rot, x))
+                    total += torch.nn.functional.mse_loss(out_.float(), y, reduction="sum").item()
+                    n += y.numel()
+            return total / n
+
+        def checkpoint(step: int) -> None:
+            save_train_checkpoint(ckpt, block, optimizer, step, metrics=asdict(result))
+
+        if m.progress.stage == "train":
+            if start_step == 0:
+                result.val_mse.append(validate())  # the RTN starting point, to show what training bought
+            total_steps = b.epochs * steps_per_epoch
+            inner = tqdm(total=total_steps, initial=start_step, desc=f"block {i}", unit="step", leave=False,
+                         disable=not show_progress)
+            tokens_per_step = b.batch_size * L
+            t_train = time.time()
+
+            def on_step(loss: float) -> None:
+                inner.update(1)
+                rate = tokens_per_step * (inner.n - start_step) / max(time.time() - t_train, 1e-9)
+                inner.set_postfix(loss=f"{loss:.3e}", tok_s=f"{rate:.0f}", refresh=False)
+
+            train_block(
+                block, lambda mod, x: block_forward(mod, x, position_embeddings(rot, x)), batches, validate, optimizer,
+                epochs=b.epochs, steps_per_epoch=steps_per_epoch, min_lr_ratio=b.min_lr_ratio,
+                max_grad_norm=b.max_grad_norm, start_step=start_step, checkpoint=checkpoint,
+                ckpt_every=b.ckpt_every_steps, block_idx=i, device=device, on_step=on_step,
+                should_stop=should_stop, result=result,
+            )
+            inner.close()
+            if should_stop():
+                raise Interrupted(f"stopped during block {i} at a checkpoint; resume with: frugal-qat resume {out}")
+            m.progress.stage = "q_update"
+            save_manifest(out, m)
+
+        # 4c. Freeze to exactly what is saved, and move the quant stream through the quantized block.
+        freeze_block(block)
+        if m.progress.stage == "q_update":
+            update_in_place(qs, lambda x: run(block, x), chunk, journal, tag=f"block{i}-quant", clock=wait)
+            kill_point("after_q_update")
+            m.progress.stage = "save"
+            save_manifest(out, m)
+
+        # 4d. Pack and save, then commit the block: from here on a resume starts at block i+1.
+        packed = {}
+        for name, lin in linears.items():
+            packed.update({f"{name}.{k}": v for k, v in lin.pack().items()})
+        for name, p in block.named_parameters():
+            if not any(name.startswith(ln + ".") for ln in linears):
+                packed[name] = p.detach().half()
+        kill_point("save_block")
+        save_block(out, i, packed)
+        blocks_meta = [x for x in m.extra.get("blocks", []) if x["block"] != i]
+        blocks_meta.append({
+            "block": i,
+            "val_mse": result.val_mse,
+            "train_loss": result.train_loss,
+            "seconds": round(time.time() - t_block, 3),
+            "rss_bytes": _rss(),
+            "peak_rss_bytes": peak_rss(),
+        })
+        m.extra["blocks"] = blocks_meta
+        m.progress = Progress(block=i + 1, stage="fp_update" if i + 1 < src.n_layers else "finalize")
+        save_manifest(out, m)
+        ckpt.unlink(missing_ok=True)
+        del block, linears, optimizer, packed
+        outer.set_postfix(val_mse=f"{result.val_mse[-1]:.3e}" if result.val_mse else "-", rss=f"{_rss() / 2**30:.2f}G")
+        outer.update(1)
+        if should_stop():
+            raise Interrupted(f"stopped after block {i}; resume with: frugal-qat resume {out}")
+    outer.close()
+
+    # 5. Everything but the blocks, then the summary.
+    if m.progress.stage == "finalize":
+        extra = extra_tensors(src.store.get, src.store.has, src.tied)
+        write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size)
+        m.progress.stage = "done"
+        save_manifest(out, m)
+        fp.close()
+        qs.close()
+        shutil.rmtree(work / "ckpt", ignore_errors=True)
+        for p in (fp.path, qs.path, journal):
+            p.unlink(missing_ok=True)
+    summary = {
+        "command": "block-ap",
+        "wbits": q.wbits,
+        "group_size": q.group_size,
+        "blocks": m.extra.get("blocks", []),
+        "seconds": round(time.time() - t_start, 3),
+        "io_wait_seconds": round(wait.waited, 3),
+        "peak_rss_bytes": max([x.get("peak_rss_bytes", 0) for x in m.extra.get("blocks", [])] + [peak_rss()]),
+        "output_bytes": sum(f.stat().st_size for f in out.glob("**/*.safetensors") if "work" not in f.parts
+                            and f.name != "calib.safetensors"),
+        "device": str(device),
+    }
+    with open(out / "metrics.jsonl", "w") as f:
+        for row in summary["blocks"]:
+            f.write(json.dumps(row) + "\n")
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+

@@ -1,0 +1,164 @@
+"""One block of Block-AP: wrap its linears in fake-quant layers, train to match the teacher, freeze.
+
+Paper (EfficientQAT §3.2): every linear weight, the RMSNorm weights and the per-group scales and zero points of
+the block train together; loss = MSE(qblock(x_quant), block_fp(x_fp)); AdamW without weight decay, two learning
+rates (weights and norms: ``weight_lr``; scales and zeros: ``quant_lr``), cosine from lr to lr/20 with no warmup,
+a new optimizer for every block, samples in a fixed order.
+
+Departures (also in docs/METHOD.md): on CPU everything runs in fp32 (bf16 matmuls are pathologically slow on
+these CPUs); on CUDA we autocast to bf16, which needs no loss scaling. Gradient clipping is applied when
+``max_grad_norm > 0`` (the reference has the flag and ignores it). Non-finite losses stop the run with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from frugal_qat.errors import TrainingDiverged
+from frugal_qat.quantizer import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+def wrap_linears(block: nn.Module, bits: int, group_size: int, name: str) -> dict[str, QuantLinear]:
+    """Replace every nn.Linear of the block with a QuantLinear (weights copied to fp32, min-max qparams)."""
+    wrapped = {}
+    for path, mod in list(block.named_modules()):
+        if isinstance(mod, nn.Linear):
+            parent_path, _, child = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            q = QuantLinear.from_linear(mod, bits, group_size, name=f"{name}.{path}")
+            setattr(parent, child, q)
+            wrapped[path] = q
+    return wrapped
+
+
+def other_trainables(block: nn.Module) -> list[nn.Parameter]:
+    """Norm weights (and any parameter that is not inside a QuantLinear): trained at weight_lr."""
+    inside = {id(p) for m in block.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    return [p for p in block.parameters() if id(p) not in inside]
+
+
+def cosine_lr(step: int, total: int, lr: float, min_ratio: float) -> float:
+    """Cosine from ``lr`` at step 0 to ``lr * min_ratio`` at the last step; a pure function of the step."""
+    if total <= 1:
+        return lr
+    lo = lr * min_ratio
+    return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
+
+
+def make_optimizer(block: nn.Module, linears: dict[str, QuantLinear], weight_lr: float, quant_lr: float) -> torch.optim.AdamW:
+    weights = [p for q in linears.values() for p in q.weight_parameters()] + other_trainables(block)
+    quant = [p for q in linears.values() for p in q.quant_parameters()]
+    groups = [{"params": quant, "lr": quant_lr, "base_lr": quant_lr}]
+    if weight_lr > 0:
+        groups.append({"params": weights, "lr": weight_lr, "base_lr": weight_lr})
+    else:  # weight_lr 0: only the quantizer trains (handy ablation); weights stay as loaded
+        for p in weights:
+            p.requires_grad_(False)
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+@dataclass
+class TrainResult:
+    val_mse: list[float] = field(default_factory=list)  # [before training (RTN init), after epoch 1, ...]
+    train_loss: list[float] = field(default_factory=list)  # mean per epoch
+    steps: int = 0
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_block(
+    block: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    validate: Callable[[], float],
+    optimizer: torch.optim.AdamW,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    min_lr_ratio: float,
+    max_grad_norm: float,
+    start_step: int,
+    checkpoint: Callable[[int], None],
+    ckpt_every: int,
+    block_idx: int,
+    device: torch.device,
+    on_step: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    result: TrainResult | None = None,
+) -> TrainResult:
+    """The training loop of one block, resumable at ``start_step``.
+
+    ``batches(first_step)`` yields (input, target) pairs from that step of the epoch on; ``checkpoint(step)``
+    persists the state after ``step`` optimizer steps (called at every epoch end and every ``ckpt_every`` steps).
+    """
+    total = epochs * steps_per_epoch
+    res = result or TrainResult()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    step = start_step
+    block.train()
+    while step < total:
+        epoch, first = divmod(step, steps_per_epoch)
+        loss_sum, n = 0.0, 0
+        for x, y in batches(first):
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, total, g["base_lr"], min_lr_ratio)
+            with autocast(device):
+                out = forward(block, x)
+            loss = torch.nn.functional.mse_loss(out.float(), y.float())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"block {block_idx}, step {step}: loss is {loss.item()}; lower --weight-lr/--quant-lr "
+                    "or check the source weights (a bf16 model run in fp16 overflows)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item()
+            n += 1
+            if on_step is not None:
+                on_step(loss.item())
+            if step % steps_per_epoch == 0:
+                break
+            if (ckpt_every and step % ckpt_every == 0) or should_stop():
+                checkpoint(step)
+                if should_stop():
+                    return res
+        res.train_loss.append(loss_sum / max(n, 1))
+        res.val_mse.append(validate())
+        log.info("block %d epoch %d: train mse %.3e, val mse %.3e", block_idx, epoch + 1, res.train_loss[-1], res.val_mse[-1])
+        checkpoint(step)  # every epoch end, after its metrics, so a resume reports them too
+        if should_stop():
+            return res
+    res.steps = step
+    block.eval()
+    return res
+
+
+@torch.no_grad()
+def freeze_block(block: nn.Module) -> None:
+    """Round every trained tensor to what the run directory stores, so the propagated quant stream and any
+    model rebuilt from the saved files compute exactly the same thing."""
+    for m in block.modules():
+        if isinstance(m, QuantLinear):
+            m.freeze_()
+            if m.bias is not None:  # stored as fp16 next to the packed weight
+                m.bias.copy_(m.bias.half().float())
+                m.bias.requires_grad_(False)
+    for p in other_trainables(block):
+        p.copy_(p.half().float())
+        p.requires_grad_(False)
+    block.eval()

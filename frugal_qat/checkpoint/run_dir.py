@@ -1,0 +1,107 @@
+"""The run directory's file layout: one place that knows where everything lives.
+
+    RUN/
+      manifest.json                  settings, fingerprints, progress (see state.py)
+      config.json                    the model config + "quantization_config" (quant_method "frugal_qat")
+      tokenizer files                copied from the source
+      blocks/block_00000.safetensors packed block 0: model.layers.0.<linear>.{qweight,qzeros,scales,g_idx[,bias]},
+                                     norms (fp16); written as soon as the block is trained
+      model-extra.safetensors        embeddings, final norm, lm_head (16-bit; lm_head absent when tied)
+      model.safetensors.index.json   key -> file map over the above, so the run reads like any checkpoint
+      calib.safetensors              the calibration token windows (resume refuses other data)
+      metrics.jsonl, summary.json    machine-readable metrics
+      work/                          activation streams, journal and in-block checkpoints (deleted at the end)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
+from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+EXTRA_FILE = "model-extra.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def block_file(run_dir: Path, i: int) -> Path:
+    return Path(run_dir) / "blocks" / f"block_{i:05d}.safetensors"
+
+
+def quantization_config(wbits: int, group_size: int) -> dict[str, Any]:
+    return {
+        "quant_method": "frugal_qat",
+        "bits": wbits,
+        "group_size": group_size,
+        "sym": False,
+        "desc_act": False,
+        "zero_point": "v2",  # stored as is (GPTQ v2 convention)
+        "pack_layout": "gptq_bitstream_lsb_first",  # GPTQ's layout for 2/4/8 bits and its 3-bit layout
+        "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
+
+
+def save_block(run_dir: Path, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Packed tensors of block i, keys relative to the block; written atomically under their full names."""
+    path = block_file(run_dir, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = block_prefix(i)
+    atomic_save_tensors(path, {prefix + k: v for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def write_model_files(run_dir: Path, source_dir: Path, config: dict[str, Any], extra: dict[str, torch.Tensor],
+                      n_layers: int, wbits: int, group_size: int) -> None:
+    """Everything but the blocks: config with its quantization section, 16-bit extra tensors, tokenizer, index."""
+    run_dir = Path(run_dir)
+    atomic_save_tensors(run_dir / EXTRA_FILE, extra, metadata={"format": "pt"})
+    cfg = dict(config)
+    cfg["quantization_config"] = quantization_config(wbits, group_size)
+    atomic_write_json(run_dir / "config.json", cfg)
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, run_dir / name)
+    weight_map = {k: EXTRA_FILE for k in extra}
+    from safetensors import safe_open
+
+    for i in range(n_layers):
+        with safe_open(str(block_file(run_dir, i)), framework="pt") as f:
+            rel = str(block_file(run_dir, i).relative_to(run_dir))
+            weight_map.update({k: rel for k in f.keys()})
+    atomic_write_json(run_dir / INDEX_FILE, {"metadata": {"format": "frugal_qat"}, "weight_map": weight_map})
+
+
+def extra_tensors(get, has, tie: bool) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm and (untied) lm_head, kept in 16-bit as in the paper."""
+    out = {EMBED_KEY: get(EMBED_KEY).half(), NORM_KEY: get(NORM_KEY).half()}
+    if not tie and has(LM_HEAD_KEY):
+        out[LM_HEAD_KEY] = get(LM_HEAD_KEY).half()
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def read_quant_config(model_dir: Path) -> dict[str, Any] | None:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    q = cfg.get("quantization_config")
+    return q if q and q.get("quant_method") == "frugal_qat" else None

@@ -1,0 +1,103 @@
+"""Durable writes: every file that records progress goes through here.
+
+Each write goes to a temporary name in the same directory, is fsync'ed, renamed over the target, and the directory
+is fsync'ed, so a kill at any instant leaves either the old file or the new one, never a torn one.
+A fault-injection hook (``FRUGAL_QAT_KILL_AT``) lets the resume tests kill the process at named points.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from frugal_qat.errors import CorruptCheckpoint, OutOfSpace
+
+_TMP_SUFFIX = ".tmp-partial"
+
+
+def kill_point(name: str) -> None:
+    """Kill this process with SIGKILL at a named point when FRUGAL_QAT_KILL_AT names it.
+
+    ``FRUGAL_QAT_KILL_AT=name`` kills at the first visit, ``name@k`` at the k-th visit (1-based). Used by the
+    resume tests to hit narrow windows (mid-stream-update, mid-checkpoint...); costs one dict lookup otherwise.
+    """
+    target = os.environ.get("FRUGAL_QAT_KILL_AT")
+    if not target:
+        return
+    want, _, nth = target.partition("@")
+    if want != name:
+        return
+    count_key = f"_FRUGAL_QAT_KILL_COUNT_{name}"
+    seen = int(os.environ.get(count_key, "0")) + 1
+    os.environ[count_key] = str(seen)
+    if seen >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            kill_point("atomic_write")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpace(
+                f"disk full while writing {path}; free space on {path.parent} and run the same command again to resume"
+            ) from None
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{path} is not valid JSON ({e})") from None
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written atomically (no pickle, so a checkpoint never runs code when loaded)."""
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, blob)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path} is missing") from None
+    except Exception as e:  # safetensors raises its own SafetensorError for torn/corrupt files
+        raise CorruptCheckpoint(f"{path} is damaged ({e}); delete it and resume, or use --restart") from None
+
+
+def remove_partials(directory: Path) -> None:
+    """Temporary files left by a kill mid-write carry no progress; drop them on resume."""
+    for p in Path(directory).rglob("*" + _TMP_SUFFIX):
+        p.unlink(missing_ok=True)

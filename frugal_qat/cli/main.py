@@ -1,0 +1,244 @@
+"""The `frugal-qat` command: one entry point, one subcommand per job.
+
+Flags override the recipe, which overrides the defaults (see config.py). A :class:`FrugalQATError` becomes one
+line on stderr and exit status 2; ``--debug`` shows its traceback. This is the only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from frugal_qat import __version__
+from frugal_qat.errors import ConfigError, FrugalQATError
+
+log = logging.getLogger("frugal_qat")
+
+# flag -> "section.field" of RunConfig
+RUN_FLAGS = {
+    "wbits": "quant.wbits",
+    "group_size": "quant.group_size",
+    "calib": "data.calib",
+    "train_size": "data.train_size",
+    "val_size": "data.val_size",
+    "seqlen": "data.seqlen",
+    "seed": "data.seed",
+    "epochs": "block_ap.epochs",
+    "batch_size": "block_ap.batch_size",
+    "weight_lr": "block_ap.weight_lr",
+    "quant_lr": "block_ap.quant_lr",
+    "max_grad_norm": "block_ap.max_grad_norm",
+    "ckpt_every": "block_ap.ckpt_every_steps",
+    "work_dir": "offload.work_dir",
+    "chunk_mb": "offload.chunk_mb",
+    "device": "offload.device",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRUGAL_QAT_CACHE", Path.home() / ".cache" / "frugal_qat"))
+
+
+class StopFlag:
+    """Ctrl-C asks the run to stop at its next safe point; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            log.warning("stop requested: finishing the current step and saving a checkpoint (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, handler)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no usable tokenizer in {model_dir} ({e}); copy the tokenizer files next to config.json") from None
+
+
+def calibration_windows(model_dir: Path, cfg):
+    import torch
+
+    from frugal_qat.data.windows import build_calibration
+
+    tok = load_tokenizer(model_dir)
+    d = cfg.data
+    train, val = build_calibration(tok, d.calib, d.train_size, d.val_size, d.seqlen, d.seed, cache_dir() / "tokens")
+    return torch.cat([train, val])
+
+
+def _run_config(args):
+    from frugal_qat.config import load_recipe, resolve
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    return resolve(recipe, {RUN_FLAGS[k]: getattr(args, k) for k in RUN_FLAGS if hasattr(args, k)})
+
+
+def cmd_block_ap(args) -> int:
+    from frugal_qat.block_ap.run import run_block_ap
+
+    cfg = _run_config(args)
+    model = Path(args.model)
+    from frugal_qat.offload.weights import read_config
+
+    read_config(model)  # a missing/malformed model is reported before tokenizing anything
+    windows = calibration_windows(model, cfg)
+    stop = StopFlag()
+    stop.install()
+    summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop)
+    _print_summary(summary, Path(args.out))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    """Continue a run from its manifest alone: same model, settings and calibration windows."""
+    from frugal_qat.block_ap.run import run_block_ap
+    from frugal_qat.checkpoint.state import load_manifest
+    from frugal_qat.checkpoint.store import load_tensors
+    from frugal_qat.config import from_dict
+
+    run = Path(args.run)
+    m = load_manifest(run)
+    if m.command != "block-ap":
+        raise ConfigError(f"{run} is a {m.command} run; resume it with `frugal-qat {m.command}` and the same --out")
+    cfg = from_dict(m.config)
+    windows = load_tensors(run / "calib.safetensors")["windows"].long()
+    stop = StopFlag()
+    stop.install()
+    summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop)
+    _print_summary(summary, run)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    blocks = summary["blocks"]
+    last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
+    print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
+          f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB; I/O wait {summary['io_wait_seconds']:.1f} s; "
+          f"output {summary['output_bytes'] / 2**20:.1f} MiB")
+    if last:
+        print(f"final block val MSE: {last[-1]:.4e}")
+    print(f"run directory: {out}")
+
+
+def cmd_ppl(args) -> int:
+    from frugal_qat.block_ap.run import pick_device
+    from frugal_qat.data.windows import eval_windows, load_token_stream
+    from frugal_qat.eval.ppl import perplexity
+
+    model = Path(args.model)
+    tok = load_tokenizer(model)
+    tokens = load_token_stream(tok, args.data, cache_dir() / "tokens")
+    protocol = args.protocol or ("random" if args.data.startswith("c4") else "sequential")
+    max_windows = args.max_windows if args.max_windows else (256 if protocol == "random" else None)
+    windows = eval_windows(tokens, args.seqlen, max_windows, protocol=protocol, seed=0)
+    res = perplexity(model, windows, device=pick_device(args.device), batch_size=args.batch_size)
+    res.update({"model": str(model), "data": args.data, "protocol": protocol})
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"ppl: {res['ppl']:.4f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from frugal_qat.demo import run_demo
+
+    run_demo(Path(args.dir), wbits=args.wbits, group_size=args.group_size, budget=args.budget, device=args.device)
+    return 0
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="YAML recipe (see recipes/); flags override it")
+    p.add_argument("--wbits", type=int, help="weight bits: 2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, help="columns per quantization group, or -1 for one per row")
+    p.add_argument("--calib", help="calibration text: .txt, .jsonl, a directory, demo, or redpajama|c4|wikitext2 (online)")
+    p.add_argument("--train-size", type=int, help="calibration windows for training")
+    p.add_argument("--val-size", type=int, help="held-out windows for the validation MSE")
+    p.add_argument("--seqlen", type=int, help="tokens per window")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="epochs per block; 0 = round-to-nearest")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weight-lr", type=float)
+    p.add_argument("--quant-lr", type=float)
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--ckpt-every", type=int, help="also checkpoint every K steps inside a block (default: epoch ends)")
+    p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
+    p.add_argument("--chunk-mb", type=int, help="MiB per stream read/write chunk")
+    p.add_argument("--device", help="auto | cpu | cuda")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="frugal-qat", description="Memory-frugal EfficientQAT quantization.")
+    ap.add_argument("--version", action="version", version=f"frugal-qat {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("block-ap", help="Block-AP: quantize a model block by block")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
+    p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
+    p.add_argument("--restart", action="store_true", help="delete an existing run in --out and start over")
+    _add_run_flags(p)
+    p.set_defaults(fn=cmd_block_ap)
+
+    p = sub.add_parser("resume", help="resume an interrupted run from its directory")
+    p.add_argument("run")
+    p.set_defaults(fn=cmd_resume)
+
+    p = sub.add_parser("ppl", help="perplexity of a checkpoint or run directory, streamed block by block")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help=".txt/.jsonl/directory, demo-heldout, or wikitext2 | c4 (online)")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=0, help="0: all (sequential) or 256 (random)")
+    p.add_argument("--protocol", choices=["sequential", "random"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(fn=cmd_ppl)
+
+    p = sub.add_parser("demo", help="the built-in demo: SmolLM2-135M, fp16 vs RTN vs Block-AP")
+    p.add_argument("--dir", default="demo", help="where the demo writes its model, runs and results")
+    p.add_argument("--wbits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--budget", choices=["quick", "full"], default="quick")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except FrugalQATError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"frugal-qat: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

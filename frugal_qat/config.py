@@ -1,0 +1,211 @@
+"""Run settings: one typed dataclass per section, a YAML recipe that sets what differs, CLI flags on top.
+
+A recipe is a YAML mapping of sections (``quant``, ``data``, ``block_ap``, ``e2e_qp``, ``offload``) to fields.
+:func:`resolve` merges defaults <- recipe <- flags, coerces every value to its field's type, rejects unknown keys
+with the nearest valid name, and collects *all* problems into one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from frugal_qat.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantConfig:
+    wbits: int = 4
+    group_size: int = 128  # -1: one group per output row
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.wbits not in SUPPORTED_BITS:
+            out.append(f"quant.wbits={self.wbits} is not supported; choose one of {list(SUPPORTED_BITS)}")
+        if self.group_size != -1 and self.group_size <= 0:
+            out.append(f"quant.group_size={self.group_size}; use a positive divisor of the layer width or -1")
+        return out
+
+
+@dataclass
+class DataConfig:
+    calib: str = "redpajama"  # .txt, .jsonl, directory, 'demo', or redpajama | c4 | wikitext2 (online)
+    train_size: int = 4096  # calibration windows used for training
+    val_size: int = 64  # held-out windows for the per-epoch validation MSE
+    seqlen: int = 2048
+    seed: int = 2
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("train_size", "seqlen"):
+            if getattr(self, name) <= 0:
+                out.append(f"data.{name}={getattr(self, name)} must be positive")
+        if self.val_size < 0:
+            out.append(f"data.val_size={self.val_size} must be >= 0")
+        return out
+
+
+@dataclass
+class BlockAPConfig:
+    epochs: int = 2  # 0 = round-to-nearest baseline (no training)
+    batch_size: int = 2
+    weight_lr: float | None = None  # None: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's values)
+    quant_lr: float = 1e-4
+    min_lr_ratio: float = 1 / 20  # cosine from lr down to lr * min_lr_ratio, no warmup (paper)
+    # Departure from the reference, which accepts a clipping flag and ignores it: we clip when > 0.
+    max_grad_norm: float = 0.0
+    ckpt_every_steps: int = 0  # 0: checkpoint only at epoch ends
+
+    def problems(self, data: DataConfig) -> list[str]:
+        out = []
+        if self.epochs < 0:
+            out.append(f"block_ap.epochs={self.epochs} must be >= 0 (0 = RTN)")
+        if self.batch_size <= 0:
+            out.append(f"block_ap.batch_size={self.batch_size} must be positive")
+        elif data.train_size % self.batch_size:
+            out.append(
+                f"data.train_size={data.train_size} is not divisible by block_ap.batch_size={self.batch_size}; "
+                f"use a train size that is a multiple of {self.batch_size}"
+            )
+        if self.quant_lr <= 0 or (self.weight_lr is not None and self.weight_lr < 0):
+            out.append("learning rates must be positive")
+        if not 0 < self.min_lr_ratio <= 1:
+            out.append(f"block_ap.min_lr_ratio={self.min_lr_ratio} must be in (0, 1]")
+        if self.ckpt_every_steps < 0:
+            out.append("block_ap.ckpt_every_steps must be >= 0")
+        return out
+
+    def resolved_weight_lr(self, wbits: int) -> float:
+        if self.weight_lr is not None:
+            return self.weight_lr
+        return 2e-5 if wbits == 2 else 1e-5
+
+
+@dataclass
+class OffloadConfig:
+    work_dir: str | None = None  # None: <out>/work
+    chunk_mb: int = 64  # size of one read/compute/write chunk of the activation streams
+    device: str = "auto"  # auto | cpu | cuda
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.chunk_mb <= 0:
+            out.append("offload.chunk_mb must be positive")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            out.append(f"offload.device={self.device!r}; choose auto, cpu or cuda")
+        return out
+
+
+@dataclass
+class RunConfig:
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    block_ap: BlockAPConfig = field(default_factory=BlockAPConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+    def validate(self) -> RunConfig:
+        problems = self.quant.problems() + self.data.problems() + self.block_ap.problems(self.data)
+        problems += self.offload.problems()
+        if problems:
+            raise ConfigError("invalid settings: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to a field's annotated type (annotations are strings here: int, float | None...)."""
+    ann = str(annotation)
+    optional = "None" in ann
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where} may not be empty")
+    base = ann.replace("| None", "").replace("None |", "").strip()
+    try:
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "float":
+            return float(value)
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} is not a valid {base}") from None
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections to settings")
+    return data
+
+
+def resolve(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """defaults <- recipe <- overrides. ``overrides`` keys are ``section.field``; a None value means 'not given'."""
+    cfg = RunConfig()
+    problems: list[str] = []
+    merged: list[tuple[str, str, Any]] = []
+    for section, body in (recipe or {}).items():
+        if section in ("name", "description", "e2e_qp"):  # informational / owned by other commands
+            continue
+        if section not in SECTIONS:
+            problems.append(f"unknown recipe section {section!r}{_suggest(section, list(SECTIONS))}")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"recipe section {section!r} must be a mapping")
+            continue
+        merged += [(section, k, v) for k, v in body.items()]
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        merged.append((section, name, value))
+    for section, name, value in merged:
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if name not in fields:
+            problems.append(f"unknown setting {section}.{name}{_suggest(name, list(fields))}")
+            continue
+        try:
+            setattr(obj, name, _coerce(value, fields[name].type, f"{section}.{name}"))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg.validate()
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig stored in a manifest (exact round trip of :meth:`RunConfig.to_dict`)."""
+    return resolve({k: v for k, v in d.items() if k in SECTIONS})
