@@ -91,7 +91,7 @@ class BlockAPConfig:
 @dataclass
 class OffloadConfig:
     work_dir: str | None = None  # None: <out>/work
-    chunk_mb: int = 64  # size of one read/compute/write chunk of the activation streams
+    chunk_mb: float = 64  # MiB per read/compute/write chunk of the activation streams
     device: str = "auto"  # auto | cpu | cuda
 
     def problems(self) -> list[str]:

@@ -101,7 +101,10 @@ def check_layers(src: ModelSource, cfg: RunConfig) -> None:
         "mlp.down_proj": h.intermediate_size,
     }
     for name in LINEAR_NAMES:
-        resolve_group_size(cfg.quant.group_size, widths[name], cfg.quant.wbits, name=f"layers.*.{name}")
+        try:
+            resolve_group_size(cfg.quant.group_size, widths[name], cfg.quant.wbits, name=f"layers.*.{name}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def packed_nbytes(src: ModelSource, wbits: int, group_size: int) -> int:
@@ -181,6 +184,7 @@ def run_block_ap(
     windows: torch.Tensor,
     *,
     restart: bool = False,
+    keep_work: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
 ) -> dict:
@@ -364,8 +368,12 @@ def run_block_ap(
         fp.close()
         qs.close()
         shutil.rmtree(work / "ckpt", ignore_errors=True)
-        for p in (fp.path, qs.path, journal):
-            p.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+        if not keep_work:  # the streams are only needed to resume, and a finished run does not resume
+            fp.path.unlink(missing_ok=True)
+            qs.path.unlink(missing_ok=True)
+            if not any(work.iterdir()):
+                work.rmdir()
     summary = {
         "command": "block-ap",
         "wbits": q.wbits,

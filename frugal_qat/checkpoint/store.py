@@ -27,6 +27,7 @@ def kill_point(name: str) -> None:
 
     ``FRUGAL_QAT_KILL_AT=name`` kills at the first visit, ``name@k`` at the k-th visit (1-based). Used by the
     resume tests to hit narrow windows (mid-stream-update, mid-checkpoint...); costs one dict lookup otherwise.
+    ``FRUGAL_QAT_KILL_SIGNAL=INT`` sends SIGINT instead (a Ctrl-C at that point), once.
     """
     target = os.environ.get("FRUGAL_QAT_KILL_AT")
     if not target:
@@ -37,8 +38,9 @@ def kill_point(name: str) -> None:
     count_key = f"_FRUGAL_QAT_KILL_COUNT_{name}"
     seen = int(os.environ.get(count_key, "0")) + 1
     os.environ[count_key] = str(seen)
-    if seen >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if seen == int(nth or 1) or (seen > int(nth or 1) and os.environ.get("FRUGAL_QAT_KILL_SIGNAL") != "INT"):
+        sig = signal.SIGINT if os.environ.get("FRUGAL_QAT_KILL_SIGNAL") == "INT" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
 
 
 def fsync_dir(path: Path) -> None:

@@ -180,7 +180,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float)
     p.add_argument("--ckpt-every", type=int, help="also checkpoint every K steps inside a block (default: epoch ends)")
     p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
-    p.add_argument("--chunk-mb", type=int, help="MiB per stream read/write chunk")
+    p.add_argument("--chunk-mb", type=float, help="MiB per stream read/write chunk")
     p.add_argument("--device", help="auto | cpu | cuda")
 
 

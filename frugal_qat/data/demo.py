@@ -138,12 +138,12 @@ def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[st
 
     One document per module: its module, class and function docstrings (``ast.get_docstring``, in source
     order) joined by blank lines. Sources are parsed, not imported, so no module runs (``antigravity`` would
-    open a browser). Test packages are skipped. A module is held out when the sha256 of its top-level package
+    open a browser). Test packages, and a text already taken from an earlier module, are skipped. A module is held out when the sha256 of its top-level package
     name is 0 modulo ``held_out_every``, so a package never lands on both sides and the split is the same on
     every machine with the same Python.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    calib, held_out = [], []
+    calib, held_out, seen = [], [], set()
     for file in sorted(root.rglob("*.py")):
         rel = file.relative_to(root)
         if {"site-packages", "test", "tests", "idle_test"} & set(rel.parts):
@@ -155,11 +155,13 @@ def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[st
         nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # ast.walk is breadth-first; the module (no lineno) stays first
         docs = [doc for node in nodes if (doc := ast.get_docstring(node))]
-        if not docs:
+        text = "\n\n".join(docs)
+        if not docs or text in seen:  # a few modules share one docstring; keep its first copy only
             continue
+        seen.add(text)
         top = rel.parts[0].removesuffix(".py")
         bucket = int(hashlib.sha256(top.encode()).hexdigest(), 16) % held_out_every
-        (held_out if bucket == 0 else calib).append("\n\n".join(docs))
+        (held_out if bucket == 0 else calib).append(text)
     logger.info("demo text: stdlib docstrings in %s: %d calibration, %d held-out documents", root, len(calib), len(held_out))
     return calib, held_out
 

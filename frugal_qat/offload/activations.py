@@ -120,10 +120,10 @@ def _allocate(path: Path, nbytes: int) -> None:
     os.close(fd)
 
 
-def chunk_samples(shape: tuple[int, int, int], chunk_mb: int, itemsize: int = 2) -> int:
+def chunk_samples(shape: tuple[int, int, int], chunk_mb: float, itemsize: int = 2) -> int:
     """How many samples one chunk holds: ``chunk_mb`` MiB, at least one sample."""
     per_sample = shape[1] * shape[2] * itemsize
-    return max(1, (chunk_mb << 20) // per_sample)
+    return max(1, int(chunk_mb * 2**20) // per_sample)
 
 
 def _journal_state(journal: Path, tag: str) -> tuple[int, torch.Tensor] | None:

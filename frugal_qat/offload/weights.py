@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from frugal_qat.arch import block_prefix
+from frugal_qat.checkpoint.store import kill_point
 from frugal_qat.errors import CorruptCheckpoint
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,11 @@ class WeightStore:
         keys = [k for k in self.weight_map if k.startswith(prefix)]
         if not keys:
             raise CorruptCheckpoint(f"block {i} ({prefix}*) is not in the checkpoint {self.dir}")
-        return {k[len(prefix):]: self.get(k, dtype) for k in keys}
+        out = {}
+        for k in keys:
+            out[k[len(prefix):]] = self.get(k, dtype)
+            kill_point("read_weights")
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         """Names, sizes and header hashes of the shards: cheap, and changes whenever the weights do."""

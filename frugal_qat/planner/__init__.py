@@ -1,0 +1,48 @@
+"""Memory and time planner: what a run needs (GPU, host RAM, disk, hours) from config.json alone."""
+
+from frugal_qat.planner.estimate import (
+    PHASES,
+    ActivationProfile,
+    Linear,
+    ModelShape,
+    PhasePlan,
+    Plan,
+    PlanSettings,
+    Term,
+    backward_bytes_per_token,
+    forward_bytes_per_token,
+    list_known_models,
+    load_model_config,
+    model_shape,
+    packed_model_bytes,
+    parse_bytes,
+    plan,
+    reference_host_terms,
+    saved_bytes_per_token,
+    suggest_fixes,
+)
+from frugal_qat.planner.report import format_plan, plan_to_json
+
+__all__ = [
+    "PHASES",
+    "ActivationProfile",
+    "Linear",
+    "ModelShape",
+    "PhasePlan",
+    "Plan",
+    "PlanSettings",
+    "Term",
+    "backward_bytes_per_token",
+    "format_plan",
+    "forward_bytes_per_token",
+    "list_known_models",
+    "load_model_config",
+    "model_shape",
+    "packed_model_bytes",
+    "parse_bytes",
+    "plan",
+    "plan_to_json",
+    "reference_host_terms",
+    "saved_bytes_per_token",
+    "suggest_fixes",
+]

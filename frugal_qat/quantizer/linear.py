@@ -59,9 +59,7 @@ class QuantLinear(nn.Module):
         self.zero = nn.Parameter(torch.zeros(out_features, n_groups, **f32))
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, bits: int, group_size: int, name: str = ""
-    ) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, name: str = "") -> "QuantLinear":
         """Copy ``linear``'s weight and bias (as float32) and set ``scale``/``zero`` by ``init_qparams``.
 
         ``linear`` is left untouched; the new layer lives on its device. ``name`` (e.g.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,44 +180,75 @@ def _compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float32 if x.device.type == "cpu" else x.dtype), torch.float32
 
 
-def _unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """fp32 ``[G, N]`` zero points (small: 1/g of the weight)."""
-    return unpack_rows(qzeros.t(), bits, out_features).t().float()
+def _unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[G, N]`` zero points as ``dtype`` (small: 1/g of the weight)."""
+    return unpack_rows(qzeros.t(), bits, out_features).t().to(dtype)
 
 
-def _tiles(qweight: torch.Tensor, zeros: torch.Tensor, spec: _Spec, in_features: int):
-    """Yield ``(k0, k1, q_minus_z, groups)`` per tile of rows ``[k0, k1)``: fp32 ``[T, N]`` and int64 ``[T]``."""
-    for k0 in range(0, in_features, spec.tile_rows):
-        k1 = min(k0 + spec.tile_rows, in_features)
-        w0 = k0 * spec.bits // 32  # exact: k0 is a multiple of 32
-        codes = unpack_rows(qweight[w0 : w0 + packed_rows(k1 - k0, spec.bits)], spec.bits, k1 - k0)
-        groups = torch.arange(k0, k1, device=qweight.device) // spec.group_size
-        yield k0, k1, codes.float() - zeros[groups], groups
+def _tile_bounds(in_features: int, g: int, tile_rows: int):
+    """Row ranges ``[k0, k1)`` that start on a word boundary (k0 % 32 == 0) and never split a group unevenly:
+    each tile is either whole groups or part of a single group, so z and s broadcast over a ``[n, r, N]`` view.
+
+    Whole groups when ``lcm(32, g) <= tile_rows`` (or when a group cannot be split on a word boundary, in which case
+    a tile grows to ``lcm(32, g)`` rows); otherwise each group is cut into tiles of ``tile_rows``.
+    """
+    whole = math.lcm(32, g)
+    if whole > tile_rows and (g % 32 == 0 or g == in_features):
+        for j0 in range(0, in_features, g):
+            for k0 in range(j0, j0 + g, tile_rows):
+                yield k0, min(k0 + tile_rows, j0 + g)
+    else:
+        step = max(tile_rows // whole, 1) * whole
+        for k0 in range(0, in_features, step):
+            yield k0, min(k0 + step, in_features)
+
+
+def _tiles(qweight: torch.Tensor, zeros: torch.Tensor, spec: _Spec, in_features: int, dtype: torch.dtype):
+    """Yield ``(k0, k1, j0, q_minus_z)`` per tile of rows ``[k0, k1)``: ``q - z`` as a ``[n, r, N]`` view of the tile
+    (n groups ``j0 .. j0+n-1`` of r rows each), in ``dtype``."""
+    g, bits = spec.group_size, spec.bits
+    for k0, k1 in _tile_bounds(in_features, g, spec.tile_rows):
+        w0 = k0 * bits // 32  # exact: k0 is a multiple of 32
+        codes = unpack_rows(qweight[w0 : w0 + packed_rows(k1 - k0, bits)], bits, k1 - k0)
+        rows = min(g, k1 - k0)
+        j0 = k0 // g
+        q_minus_z = codes.to(dtype).view(-1, rows, codes.shape[1])
+        q_minus_z -= zeros[j0 : j0 + q_minus_z.shape[0], None]
+        yield k0, k1, j0, q_minus_z
+
+
+def _weight_tile(q_minus_z: torch.Tensor, scales: torch.Tensor, j0: int, dtype: torch.dtype) -> torch.Tensor:
+    """``W[k0:k1] = (q - z) * s`` as ``[T, N]`` in ``dtype``."""
+    w = q_minus_z * scales[j0 : j0 + q_minus_z.shape[0], None].to(q_minus_z.dtype)
+    return w.view(-1, w.shape[-1]).to(dtype)
 
 
 def _torch_matmul(x2, qweight, qzeros, scales, spec: _Spec) -> torch.Tensor:
     cd, acc = _compute_dtypes(x2)
-    zeros = _unpack_zeros(qzeros, spec.bits, qweight.shape[1])
+    zeros = _unpack_zeros(qzeros, spec.bits, qweight.shape[1], acc)
     y = torch.zeros(x2.shape[0], qweight.shape[1], dtype=acc, device=x2.device)
-    for k0, k1, q_minus_z, groups in _tiles(qweight, zeros, spec, x2.shape[1]):
-        y += x2[:, k0:k1].to(cd) @ (q_minus_z.to(acc) * scales[groups].to(acc)).to(cd)
+    for k0, k1, j0, q_minus_z in _tiles(qweight, zeros, spec, x2.shape[1], acc):
+        w = _weight_tile(q_minus_z, scales, j0, cd)
+        if cd == acc:
+            y.addmm_(x2[:, k0:k1].to(cd), w)
+        else:
+            y += x2[:, k0:k1] @ w
     return y.to(x2.dtype)
 
 
 def _torch_backward(x2, grad_y, qweight, qzeros, scales, spec: _Spec, need_x: bool, need_s: bool):
     cd, acc = _compute_dtypes(x2)
-    zeros = _unpack_zeros(qzeros, spec.bits, qweight.shape[1])
+    zeros = _unpack_zeros(qzeros, spec.bits, qweight.shape[1], acc)
     grad_y = grad_y.to(cd)
     grad_x = torch.empty_like(x2) if need_x else None
     grad_s = torch.zeros(scales.shape, dtype=acc, device=scales.device) if need_s else None
-    for k0, k1, q_minus_z, groups in _tiles(qweight, zeros, spec, x2.shape[1]):
-        q_minus_z = q_minus_z.to(acc)
+    for k0, k1, j0, q_minus_z in _tiles(qweight, zeros, spec, x2.shape[1], acc):
         if need_x:
-            grad_x[:, k0:k1] = grad_y @ (q_minus_z * scales[groups].to(acc)).to(cd).t()
+            grad_x[:, k0:k1] = grad_y @ _weight_tile(q_minus_z, scales, j0, cd).t()
         if need_s:
             # dL/dW for this tile only, reduced into its groups right away.
-            grad_w = x2[:, k0:k1].to(cd).t() @ grad_y
-            grad_s.index_add_(0, groups, q_minus_z * grad_w.to(acc))
+            grad_w = (x2[:, k0:k1].to(cd).t() @ grad_y).to(acc).view(q_minus_z.shape)
+            grad_s[j0 : j0 + q_minus_z.shape[0]] += grad_w.mul_(q_minus_z).sum(1)
     return grad_x, grad_s
 
 

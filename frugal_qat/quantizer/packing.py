@@ -38,7 +38,13 @@ in ``nn.Linear`` terms.
 
 import torch
 
-from frugal_qat.quantizer.primitives import SUPPORTED_BITS, resolve_group_size, round_zero
+from frugal_qat.quantizer.primitives import (
+    SUPPORTED_BITS,
+    _check_qparams,
+    _check_weight,
+    resolve_group_size,
+    round_zero,
+)
 
 _WORD_MASK = 0xFFFFFFFF
 
@@ -68,9 +74,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() > 0:
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi > 2**bits - 1:
-            raise ValueError(
-                f"codes range [{lo}, {hi}] does not fit in {bits} bits; expected [0, {2**bits - 1}]"
-            )
+            raise ValueError(f"codes range [{lo}, {hi}] does not fit in {bits} bits; expected [0, {2**bits - 1}]")
     chunks = -(-k // 32)
     values = torch.zeros(chunks * 32, n, dtype=torch.uint8, device=codes.device)
     values[:k] = codes  # zero padding up to whole 32-value chunks
@@ -104,8 +108,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         )
     n = packed.shape[1]
     chunks = -(-k // 32)
-    words = torch.zeros(chunks * bits, n, dtype=torch.int32, device=packed.device)
-    words[: packed.shape[0]] = packed
+    words = torch.zeros(chunks * bits, n, dtype=torch.int64, device=packed.device)
+    words[: packed.shape[0]] = packed.to(torch.int64) & _WORD_MASK  # undo the int32 wrap
     words = words.reshape(chunks, bits, n)
     out = torch.empty(chunks, 32, n, dtype=torch.uint8, device=packed.device)
     acc = torch.zeros(chunks, n, dtype=torch.int64, device=packed.device)
@@ -114,8 +118,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         acc.zero_()
         for jj, w, shift in slots:
             if jj == j:
-                word = words[:, w].to(torch.int64) & _WORD_MASK  # undo the int32 wrap
-                acc |= word >> shift if shift >= 0 else word << -shift
+                acc |= words[:, w] >> shift if shift >= 0 else words[:, w] << -shift
         out[:, j] = acc & (2**bits - 1)
     return out.reshape(chunks * 32, n)[:k]
 
@@ -138,17 +141,13 @@ def pack_linear(
         bits: 2, 3, 4 or 8.   group_size: ``g`` or -1.
 
     Returns:
-        Contiguous CPU-or-same-device tensors: ``qweight`` int32 ``[ceil(in*b/32), out]``, ``qzeros``
+        Contiguous tensors on the device of ``codes``: ``qweight`` int32 ``[ceil(in*b/32), out]``, ``qzeros``
         int32 ``[G, ceil(out*b/32)]``, ``scales`` float16 ``[G, out]``, ``g_idx`` int32 ``[in]``.
     """
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
-    out_features, in_features = codes.shape
+    _check_weight(codes)
+    in_features = codes.shape[1]
     g = resolve_group_size(group_size, in_features, bits)
-    expected = (out_features, in_features // g)
-    for label, t in (("scale", scale), ("zero", zero)):
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{label} has shape {tuple(t.shape)}, expected [out, G] = {list(expected)}")
+    _check_qparams(codes.shape, scale, zero, g)
     zero_int = round_zero(zero, bits).to(torch.int64)
     return {
         "qweight": pack_rows(codes.t(), bits),
@@ -196,7 +195,7 @@ def unpack_linear(
                 f"checkpoints are supported"
             )
     codes = unpack_rows(tensors["qweight"], bits, in_features).t().contiguous()
-    zero = unpack_rows(tensors["qzeros"].t(), bits, out_features).t().float().contiguous()
+    zero = unpack_rows(tensors["qzeros"].t(), bits, out_features).float()
     scale = tensors["scales"].t().float().contiguous()
     return codes, scale, zero
 
@@ -216,6 +215,4 @@ def _slots(bits: int) -> list[tuple[int, int, int]]:
 
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
-        )
+        raise ValueError(f"bits {bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")

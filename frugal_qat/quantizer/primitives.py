@@ -13,8 +13,9 @@ Shapes legend (used by every docstring below):
     g:   group size, a divisor of ``in``     G:  groups per row, ``in // g``
     scale, zero: ``[out, G]``                codes: ``[out, in]``, torch.uint8
 
-Dtype policy: all maths runs in float32 (CPU matmuls and rounding are only trusted in fp32 here);
-inputs of another float dtype are upcast, and ``fake_quant`` casts its result back to ``W``'s dtype.
+Dtype policy: all maths runs in float32, where the bit-for-bit agreement of ``fake_quant``,
+``quantize``/``dequantize`` and the packed model holds; inputs of another float dtype are upcast,
+and ``fake_quant`` casts its result back to ``W``'s dtype.
 No function keeps state, moves tensors between devices or writes into its inputs.
 """
 
@@ -41,19 +42,9 @@ def resolve_group_size(group_size: int, in_features: int, bits: int, name: str =
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(
-            f"bits {bits} is not supported for {name}; choose one of "
-            f"{', '.join(map(str, SUPPORTED_BITS))}"
+            f"bits {bits} is not supported for {name}; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
         )
-    if in_features <= 0:
-        raise ValueError(f"in_features {in_features} of {name} must be positive")
-    if group_size == -1:
-        return in_features
-    if group_size <= 0 or in_features % group_size != 0:
-        raise ValueError(
-            f"group size {group_size} does not divide in_features {in_features} of {name}; "
-            f"choose a divisor of {in_features} or -1"
-        )
-    return group_size
+    return _effective_group_size(group_size, in_features, name)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +76,7 @@ def round_zero(zero: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(zero.detach().float()), 0, 2**bits - 1)
 
 
-def init_qparams(
-    w: torch.Tensor, bits: int, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def init_qparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max initial scale and zero point per group.
 
     With ``lo = min(min(W_grp), 0)`` and ``hi = max(max(W_grp), 0)`` over each group::
@@ -130,9 +119,7 @@ def init_qparams(
     return scale, zero
 
 
-def fake_quant(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
-) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Quantize and dequantize ``W`` in one differentiable step (the Block-AP training forward).
 
     Per group, with ``z_int = clamp_ste(round_ste(z), 0, qmax)`` and ``qmax = 2^b - 1``::
@@ -169,9 +156,7 @@ def fake_quant(
     return w_hat.reshape(w.shape).to(w.dtype)
 
 
-def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
-) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Integer codes of ``W``: ``q = clamp(round(W / s) + round_zero(z), 0, 2^b - 1)``.
 
     No gradient. ``w`` ``[out, in]`` (any float dtype, computed in float32), ``scale``/``zero``
@@ -208,18 +193,25 @@ def dequantize(
         ``[out, in]`` tensor of ``dtype``.
     """
     _check_weight(codes)
-    in_features = codes.shape[1]
-    g = in_features if group_size == -1 else group_size
-    if g <= 0 or in_features % g != 0:
-        raise ValueError(
-            f"group size {group_size} does not divide in_features {in_features}; "
-            f"choose a divisor of {in_features} or -1"
-        )
+    g = _effective_group_size(group_size, codes.shape[1], "weight")
     _check_qparams(codes.shape, scale, zero, g)
     s = scale.float().unsqueeze(-1)
     z = zero.detach().float().unsqueeze(-1)
     w_hat = (_grouped(codes.float(), g) - z) * s
     return w_hat.reshape(codes.shape).to(dtype)
+
+
+def _effective_group_size(group_size: int, in_features: int, name: str) -> int:
+    if in_features <= 0:
+        raise ValueError(f"in_features {in_features} of {name} must be positive")
+    if group_size == -1:
+        return in_features
+    if group_size <= 0 or in_features % group_size != 0:
+        raise ValueError(
+            f"group size {group_size} does not divide in_features {in_features} of {name}; "
+            f"choose a divisor of {in_features} or -1"
+        )
+    return group_size
 
 
 def _grouped(x: torch.Tensor, g: int) -> torch.Tensor:

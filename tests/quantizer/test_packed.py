@@ -42,10 +42,11 @@ def test_forward_matches_dense_dequantize(bits, group_size):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("group_size", (32, 64, 128, -1, 20))
 def test_backward_matches_autograd_through_dense_weight(bits, group_size):
-    # in_features 160 = 2 tiles of 64 + a ragged tile of 32; groups of 32 and 64 both cross tile edges.
-    in_features = 160 if group_size != 64 else 192
+    # Tiles of 64 rows: several groups per tile (32), one (64), a group cut into tiles (128; -1 over 160 rows, the
+    # last tile ragged), and a group size that forces a larger word-aligned tile (20 -> lcm(20, 32) = 160).
+    in_features = 256 if group_size in (64, 128) else 160
     tensors, codes, _, zero = make_packed(24, in_features, bits, group_size, seed=bits)
     scales = tensors["scales"].double().requires_grad_()
     x = torch.randn(7, in_features, dtype=torch.float64, requires_grad=True)
@@ -66,14 +67,14 @@ def test_backward_matches_autograd_through_dense_weight(bits, group_size):
 @pytest.mark.parametrize("bits", (3, 4))
 def test_gradcheck_x_and_scales(bits):
     tensors, *_ = make_packed(8, 96, bits, 32, seed=1)
-    x = torch.randn(3, 96, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 96, dtype=torch.float64, requires_grad=True)
     scales = tensors["scales"].double().requires_grad_()
 
     def f(x, scales):
         return packed_linear(x, tensors["qweight"], tensors["qzeros"], scales, bits, 32, tile_rows=64,
                              backend="torch")
 
-    assert torch.autograd.gradcheck(f, (x, scales))
+    assert torch.autograd.gradcheck(f, (x, scales), fast_mode=True)
 
 
 def test_only_requested_gradients_are_computed():
@@ -145,7 +146,7 @@ def test_optimizer_step_on_scales_lowers_regression_loss():
     qweight_before = layer.qweight.clone()
     opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         loss = torch.nn.functional.mse_loss(layer(x), target)
         opt.zero_grad()
         loss.backward()

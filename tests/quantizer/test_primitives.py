@@ -70,8 +70,7 @@ def test_resolve_group_size_names_layer_and_numbers():
     with pytest.raises(ValueError) as err:
         resolve_group_size(128, 576, 4, "layers.3.mlp.down_proj")
     assert str(err.value) == (
-        "group size 128 does not divide in_features 576 of layers.3.mlp.down_proj; "
-        "choose a divisor of 576 or -1"
+        "group size 128 does not divide in_features 576 of layers.3.mlp.down_proj; choose a divisor of 576 or -1"
     )
 
 

