@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(p for p in out.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     shards = sum(p.suffix == ".safetensors" for p in files)
-    print(f"{out}: {len(files)} files, {shards} safetensors shards, {size / 1e6:.1f} MB ({time.perf_counter() - start:.1f} s)")
+    seconds = time.perf_counter() - start
+    print(f"{out}: {len(files)} files, {shards} safetensors shards, {size / 1e6:.1f} MB ({seconds:.1f} s)")
     return 0
 
 

@@ -43,6 +43,16 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), sig)
 
 
+def _injected_enospc() -> bool:
+    """``FRUGAL_QAT_ENOSPC_AT=k``: the k-th durable write fails as if the disk were full (tests of disk-full)."""
+    target = os.environ.get("FRUGAL_QAT_ENOSPC_AT")
+    if not target:
+        return False
+    seen = int(os.environ.get("_FRUGAL_QAT_WRITES", "0")) + 1
+    os.environ["_FRUGAL_QAT_WRITES"] = str(seen)
+    return seen == int(target)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -56,6 +66,8 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(path.name + _TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
+            if _injected_enospc():
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
             f.write(data)
             kill_point("atomic_write")
             f.flush()

@@ -33,7 +33,7 @@ COMPLETE_MARKER = "frugal_qat_demo.json"
 
 PYTHON_DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 PYTHON_DOC_INSTALL = "apt-get update && apt-get install -y python3.11-doc"
-# Held-out demo text: the tutorial (68.5 K SmolLM2 tokens); the other 429 files calibrate.
+# Held-out demo text: the tutorial's 17 files (68.5 K SmolLM2 tokens); the other 480 files calibrate.
 HELD_OUT_DIR = "tutorial"
 
 
@@ -129,7 +129,9 @@ def demo_texts(doc_sources: Path = PYTHON_DOC_SOURCES) -> tuple[list[str], list[
         text = file.read_text(encoding="utf-8")
         if text.strip():
             (held_out if file.relative_to(doc_sources).parts[0] == HELD_OUT_DIR else calib).append(text)
-    logger.info("demo text: Python docs in %s: %d calibration, %d held-out documents", doc_sources, len(calib), len(held_out))
+    logger.info(
+        "demo text: Python docs in %s: %d calibration, %d held-out documents", doc_sources, len(calib), len(held_out)
+    )
     return calib, held_out
 
 
@@ -138,9 +140,9 @@ def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[st
 
     One document per module: its module, class and function docstrings (``ast.get_docstring``, in source
     order) joined by blank lines. Sources are parsed, not imported, so no module runs (``antigravity`` would
-    open a browser). Test packages, and a text already taken from an earlier module, are skipped. A module is held out when the sha256 of its top-level package
-    name is 0 modulo ``held_out_every``, so a package never lands on both sides and the split is the same on
-    every machine with the same Python.
+    open a browser). Test packages, and a text already taken from an earlier module, are skipped. A module is
+    held out when the sha256 of its top-level package name is 0 modulo ``held_out_every``, so a package never
+    lands on both sides and the split is the same on every machine with the same Python.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     calib, held_out, seen = [], [], set()
@@ -152,8 +154,9 @@ def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[st
             tree = ast.parse(file.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a few stdlib files are deliberately broken or not UTF-8 (lib2to3 test data)
-        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # ast.walk is breadth-first; the module (no lineno) stays first
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        # ast.walk is breadth-first: sort into source order (the module has no lineno and stays first).
+        nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
         docs = [doc for node in nodes if (doc := ast.get_docstring(node))]
         text = "\n\n".join(docs)
         if not docs or text in seen:  # a few modules share one docstring; keep its first copy only
@@ -162,7 +165,9 @@ def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[st
         top = rel.parts[0].removesuffix(".py")
         bucket = int(hashlib.sha256(top.encode()).hexdigest(), 16) % held_out_every
         (held_out if bucket == 0 else calib).append(text)
-    logger.info("demo text: stdlib docstrings in %s: %d calibration, %d held-out documents", root, len(calib), len(held_out))
+    logger.info(
+        "demo text: stdlib docstrings in %s: %d calibration, %d held-out documents", root, len(calib), len(held_out)
+    )
     return calib, held_out
 
 

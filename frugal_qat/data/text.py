@@ -78,7 +78,9 @@ def source_files(path: Path) -> list[Path]:
                 f"directory {path} holds no {'/'.join(TEXT_SUFFIXES)} files; put text files there or point to one file"
             )
         return files
-    raise DataError(f"text source {path} does not exist; give an existing file or directory, or one of {sorted(HUB_DATASETS)}")
+    raise DataError(
+        f"text source {path} does not exist; give an existing file or directory, or one of {sorted(HUB_DATASETS)}"
+    )
 
 
 def load_documents(source: str) -> list[str]:
@@ -154,7 +156,8 @@ def tokenize_documents(tokenizer, docs: Sequence[str], batch_size: int = 64) -> 
             f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no EOS token to separate documents; "
             "set tokenizer.eos_token"
         )
-    chunks: list[torch.Tensor] = []  # one tensor per batch: a Python int list of the whole stream would cost ~36 B/token
+    # One tensor per batch: a Python int list of the whole stream would cost ~36 bytes per token.
+    chunks: list[torch.Tensor] = []
     for start in range(0, len(docs), batch_size):
         batch = list(docs[start : start + batch_size])
         flat: list[int] = []

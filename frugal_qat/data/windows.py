@@ -28,7 +28,9 @@ _CACHE_FORMAT = "frugal_qat.tokens.v1"
 def _grid(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     """``tokens[T]`` -> ``[floor(T/L), L]`` view of the disjoint windows."""
     if tokens.dim() != 1 or tokens.dtype.is_floating_point:
-        raise ValueError(f"expected a 1-D integer token stream, got dtype {tokens.dtype} and shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"expected a 1-D integer token stream, got dtype {tokens.dtype} and shape {tuple(tokens.shape)}"
+        )
     if seqlen < 1:
         raise ValueError(f"seqlen must be >= 1, got {seqlen}")
     count = tokens.numel() // seqlen
@@ -72,6 +74,8 @@ def eval_windows(
 
     Perplexity over the result is ``exp(mean token cross-entropy)``.
     """
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None (all windows), got {max_windows}")
     grid = _grid(tokens, seqlen)
     if grid.shape[0] == 0:
         raise DataError(
@@ -122,8 +126,11 @@ def load_token_stream(tokenizer, source: str, cache_dir: Path | None = None) -> 
     tokens = tokenize_documents(tokenizer, load_documents(source))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"tokens": tokens.to(torch.int32)}, tmp, metadata={"source": source, "key": key})
-    os.replace(tmp, path)
+    try:
+        save_file({"tokens": tokens.to(torch.int32)}, tmp, metadata={"source": source, "key": key})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
     logger.info("token cache written: %s (%d tokens)", path, tokens.numel())
     return tokens
 
@@ -147,7 +154,12 @@ def build_calibration(
     tokens = load_token_stream(tokenizer, source, cache_dir)
     windows = sample_windows(tokens, n_train + n_val, seqlen, seed)
     logger.info(
-        "calibration: %d train + %d val windows x %d tokens from %s (%d tokens)", n_train, n_val, seqlen, source, tokens.numel()
+        "calibration: %d train + %d val windows x %d tokens from %s (%d tokens)",
+        n_train,
+        n_val,
+        seqlen,
+        source,
+        tokens.numel(),
     )
     return windows[:n_train], windows[n_train:]
 

@@ -748,35 +748,61 @@ def _describe(old: PlanSettings, new: PlanSettings, label: str, keeps: bool, pha
             f"{peak / GiB:.1f} GiB, about {hours:.1f} h")
 
 
-def suggest_fixes(config: dict[str, Any], settings: PlanSettings, phases: tuple[str, ...] = PHASES) -> list[str]:
-    """Settings under which the run fits, mildest first; each one was planned again and fits.
+def _phases_fit(config: dict[str, Any], s: PlanSettings, phases: tuple[str, ...]) -> list[PhasePlan] | None:
+    phase_plans = _plan_phases(config, s, phases)[1]
+    return None if any(p.problems for p in phase_plans) else phase_plans
 
-    Each knob alone, at its mildest sufficient value; if none suffices alone, the knobs stacked in order (strongest
-    value each) until the plan fits. Empty if the run already fits or nothing tried makes it fit.
+
+def _fix_phase(config: dict[str, Any], s: PlanSettings, phase: str) -> tuple[PlanSettings, list[str], bool] | None:
+    """The mildest single knob value that makes ``phase`` fit, else the knobs stacked (strongest each) in order."""
+    for label, keeps, candidates in _KNOBS:
+        for cand in candidates(s):
+            if _phases_fit(config, cand, (phase,)) is not None:
+                return cand, [label], keeps
+    stacked, labels, keeps_all = s, [], True
+    for label, keeps, candidates in _KNOBS:
+        options = candidates(stacked)
+        if options:
+            stacked, keeps_all = options[-1], keeps_all and keeps
+            labels.append(label)
+            if _phases_fit(config, stacked, (phase,)) is not None:
+                return stacked, labels, keeps_all
+    return None
+
+
+def find_fixes(config: dict[str, Any], settings: PlanSettings,
+               phases: tuple[str, ...] = PHASES) -> list[tuple[PlanSettings, str]]:
+    """Settings under which the run fits, each with its description; every one was planned again and fits.
+
+    First each knob alone (at its mildest sufficient value), then, when no knob alone keeps the results, one
+    combination: for each phase that does not fit, its own mildest fix, applied on top of the others'. Empty if
+    the run already fits or nothing tried makes it fit.
     """
-    def fits(s: PlanSettings) -> list[PhasePlan] | None:
-        phase_plans = _plan_phases(config, s, phases)[1]
-        return None if any(p.problems for p in phase_plans) else phase_plans
-
-    if fits(settings) is not None:
+    if _phases_fit(config, settings, phases) is not None:
         return []
     fixes = []
     for label, keeps, candidates in _KNOBS:
         for cand in candidates(settings):
-            ok = fits(cand)
+            ok = _phases_fit(config, cand, phases)
             if ok is not None:
-                fixes.append(_describe(settings, cand, label, keeps, ok))
+                fixes.append((cand, _describe(settings, cand, label, keeps, ok), keeps))
                 break
-    if fixes:
-        return fixes
-    stacked, labels, keeps_all = settings, [], True
-    for label, keeps, candidates in _KNOBS:
-        options = candidates(stacked)
-        if not options:
-            continue
-        stacked, keeps_all = options[-1], keeps_all and keeps
-        labels.append(label)
-        ok = fits(stacked)
-        if ok is not None:
-            return [_describe(settings, stacked, " + ".join(labels), keeps_all, ok)]
-    return []
+    if not any(keeps for _, _, keeps in fixes):
+        merged, labels, keeps_all = settings, [], True
+        for phase in phases:
+            if _phases_fit(config, merged, (phase,)) is None:
+                found = _fix_phase(config, merged, phase)
+                if found is None:
+                    break
+                merged, keeps_all = found[0], keeps_all and found[2]
+                labels += [lab for lab in found[1] if lab not in labels]
+        ok = _phases_fit(config, merged, phases)
+        if ok is not None and all(merged != f for f, _, _ in fixes):
+            fix = (merged, _describe(settings, merged, " + ".join(labels), keeps_all, ok), keeps_all)
+            fixes.insert(0 if keeps_all else len(fixes), fix)
+    return [(f, text) for f, text, _ in fixes]
+
+
+def suggest_fixes(config: dict[str, Any], settings: PlanSettings, phases: tuple[str, ...] = PHASES) -> list[str]:
+    """The descriptions of :func:`find_fixes`: "batch_size 2 -> 1, ... (why; same results): fits, peak GPU ..."."""
+    return [text for _, text in find_fixes(config, settings, phases)]

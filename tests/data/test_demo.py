@@ -72,9 +72,15 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
 
 # GGUF tensor name -> HF name for the tensors llama.cpp stores unpermuted (q/k rows are reordered for its RoPE).
 _GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm", "ffn_down": "mlp.down_proj", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
 }
 
 
@@ -113,9 +119,13 @@ def test_smollm2_checkpoint_matches_gguf(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).float().eval()
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    text = "The Python tutorial explains how to use lists, dictionaries, loops and functions in Python programs."
+    text = (  # the tutorial's opening: 13.7 here; q/k rows in llama.cpp's order instead would give ~6000
+        "Python is an easy to learn, powerful programming language. It has efficient high-level data structures and a "
+        "simple but effective approach to object-oriented programming. Python's elegant syntax and dynamic typing, "
+        "together with its interpreted nature, make it an ideal language for scripting and rapid application "
+        "development in many areas on most platforms."
+    )
     ids = tok(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
-    assert math.exp(loss) < 60, f"perplexity {math.exp(loss):.1f}: the converted weights are wrong"
-    print(f"perplexity {math.exp(loss):.2f}")
+    assert math.exp(loss) < 30, f"perplexity {math.exp(loss):.1f}: the converted weights are wrong"

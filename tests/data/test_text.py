@@ -29,8 +29,12 @@ def test_jsonl_one_document_per_line_blank_lines_skipped(tmp_path):
 
 @pytest.mark.parametrize(
     "bad_line, expected",
-    [('{"content": "x"}', 'a.jsonl:3: no "text" string field'), ("{not json", "a.jsonl:3: not valid JSON"),
-     ('{"text": 5}', 'a.jsonl:3: no "text"'), ('["text"]', 'a.jsonl:3: no "text"')],
+    [
+        ('{"content": "x"}', 'a.jsonl:3: no "text" string field'),
+        ("{not json", "a.jsonl:3: not valid JSON"),
+        ('{"text": 5}', 'a.jsonl:3: no "text"'),
+        ('["text"]', 'a.jsonl:3: no "text"'),
+    ],
 )
 def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, expected):
     p = tmp_path / "a.jsonl"
@@ -155,5 +159,7 @@ def _word_tokenizer(sentences):
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"], show_progress=False))
+    tok.train_from_iterator(
+        sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"], show_progress=False)
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -9,7 +9,7 @@ from tests.conftest import CORPUS, make_tokenizer
 
 def _grid_index(tokens, window, seqlen):
     """The k with window == tokens[k*L:(k+1)*L] (tokens are unique, so at most one)."""
-    matches = [k for k in range(tokens.numel() // seqlen) if torch.equal(tokens[k * seqlen:(k + 1) * seqlen], window)]
+    matches = [k for k in range(tokens.numel() // seqlen) if torch.equal(tokens[k * seqlen : (k + 1) * seqlen], window)]
     assert len(matches) == 1, "window is not one of the disjoint grid windows"
     return matches[0]
 
@@ -60,6 +60,8 @@ def test_eval_windows_sequential():
     assert torch.equal(eval_windows(torch.arange(1050), 100, max_windows=4), tokens[:400].view(4, 100))
     with pytest.raises(DataError, match="fewer than one window"):
         eval_windows(torch.arange(99), 100)
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        eval_windows(tokens, 100, max_windows=0)
 
 
 def test_eval_windows_random():
