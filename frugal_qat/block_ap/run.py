@@ -1,7 +1,7 @@
 """Block-AP over a whole model, streamed: the story of a run, top to bottom.
 
     validate inputs (nothing written yet) -> open or resume the run directory -> check the disk
-    -> open the two activation streams (fp teacher, quantized student) -> embed the calibration windows
+    -> plan memory and disk for this machine -> open the two activation streams (fp teacher, quantized student) -> embed the calibration windows
     -> for each block: load (next one prefetched) -> fp stream <- block(fp stream)        [targets]
                        -> wrap linears in fake-quant layers -> train on (quant stream, fp stream)
                        -> freeze -> quant stream <- qblock(quant stream) -> pack + save -> commit
@@ -61,6 +61,7 @@ from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismat
 from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
+from frugal_qat.planner import PlanSettings, plan
 from frugal_qat.quantizer import resolve_group_size
 
 log = logging.getLogger(__name__)
@@ -107,30 +108,33 @@ def check_layers(src: ModelSource, cfg: RunConfig) -> None:
             raise ConfigError(str(e)) from None
 
 
-def packed_nbytes(src: ModelSource, wbits: int, group_size: int) -> int:
-    """Bytes of the run's model files: packed codes, fp16 scales, packed zeros, 16-bit extras."""
-    h = src.hf
-    head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
-    H, inter = h.hidden_size, h.intermediate_size
-    shapes = [(H, h.num_attention_heads * head_dim), (H, h.num_key_value_heads * head_dim),
-              (H, h.num_key_value_heads * head_dim), (h.num_attention_heads * head_dim, H),
-              (H, inter), (H, inter), (inter, H)]
-    per_block = 0
-    for fan_in, fan_out in shapes:
-        groups = 1 if group_size == -1 else fan_in // group_size
-        per_block += fan_in * fan_out * wbits // 8 + groups * fan_out * (2 + wbits / 8) + fan_in * 4
-    extras = h.vocab_size * H * 2 * (1 if src.tied else 2) + H * 2
-    return int(per_block * src.n_layers + extras)
+def plan_settings(cfg: RunConfig, device: torch.device, **limits) -> PlanSettings:
+    """The planner's view of a Block-AP run (the planner knows nothing of RunConfig)."""
+    q, d, b = cfg.quant, cfg.data, cfg.block_ap
+    return PlanSettings(wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
+                        block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size,
+                        epochs=b.epochs, chunk_mb=cfg.offload.chunk_mb, device=device.type, **limits)
 
 
-def disk_check(path: Path, needed: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path).free
-    if free < needed:
-        raise OutOfSpace(
-            f"the run needs {needed / 2**30:.2f} GiB on {path} and {free / 2**30:.2f} GiB are free; "
-            "free space, point --work-dir at a larger disk, or lower --train-size/--seqlen"
-        )
+def check_plan(src: ModelSource, cfg: RunConfig, device: torch.device, work: Path, out: Path) -> None:
+    """Run the memory planner for this machine before anything heavy starts, and stop with its advice when the
+    run cannot fit (GPU memory, RAM, or the disk still to be written)."""
+    existing = next(p for p in [work, *work.parents] if p.exists())
+    present = sum(f.stat().st_size for d in {work, out} if d.exists() for f in d.rglob("*") if f.is_file())
+    limits = {
+        "gpu_mem": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        "cpu_mem": psutil.virtual_memory().total,
+        "disk_free": shutil.disk_usage(existing).free + present,  # files of a resumed run are already paid for
+    }
+    p = plan(src.config, plan_settings(cfg, device, **limits), phases=("block_ap",))
+    if not p.fits:
+        fixes = "; ".join(p.fixes[:3]) or "free space, use a larger disk (--work-dir) or a smaller run"
+        raise OutOfSpace(f"this run does not fit this machine ({p.verdict.removeprefix('does not fit: ')}); "
+                         f"it would fit with: {fixes}. See `frugal-qat plan` for the full table")
+    phase = p.phase("block_ap")
+    log.info("plan: peak %s %.2f GiB, disk %.2f GiB, about %.1f h", "GPU" if device.type == "cuda" else "RAM",
+             (phase.device_peak if device.type == "cuda" else phase.ram_peak) / 2**30, phase.disk_total / 2**30,
+             phase.seconds / 3600)
 
 
 def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor, data_fp: str, restart: bool) -> Manifest:
@@ -206,14 +210,12 @@ def run_block_ap(
     stream_shape = (n_all, L, H)
     chunk = chunk_samples(stream_shape, cfg.offload.chunk_mb)
 
-    # 2. Open or resume the run, then make sure the disk holds what remains to be written.
-    m = open_run(out, cfg, src, windows, fingerprint_windows(windows), restart)
     work = Path(cfg.offload.work_dir).resolve() if cfg.offload.work_dir else out / "work"
+    check_plan(src, cfg, device, work, out)
+
+    # 2. Open or resume the run.
+    m = open_run(out, cfg, src, windows, fingerprint_windows(windows), restart)
     new_streams = m.progress.stage == "embed"
-    block_params = sum(t.numel() for t in src.store.block_state(0, dtype=None).values()) if new_streams else 0
-    needed = (2 * n_all * L * H * 2 if new_streams else 0) + chunk * L * H * 2 + block_params * 4 * 4
-    needed += packed_nbytes(src, q.wbits, q.group_size)
-    disk_check(work, needed)
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
 
     # 3. The two activation streams: rows [0, train) train, rows [train, train+val) validate.
@@ -252,7 +254,7 @@ def run_block_ap(
             with torch.no_grad():
                 return torch.cat([
                     block_forward(mod, to_device(xb), position_embeddings(rot, to_device(xb))).to("cpu", torch.float16)
-                    for xb in xs.split(b.batch_size)
+                    for xb in xs.split(b.micro_batch)
                 ])
 
         # 4a. Targets: the full-precision block applied to the fp stream, in place.
@@ -273,23 +275,27 @@ def run_block_ap(
             start_step, metrics = load_train_checkpoint(ckpt, block, optimizer)
             result = TrainResult(**metrics)  # metrics of the epochs done before the kill ride along
 
-        def batches(first_step: int, lo: int = 0, count: int = steps_per_epoch):
+        def batches(first_step: int, lo: int = 0, hi: int = d.train_size):
+            """Per step, its micro-batches of (quant-stream input, fp-stream target), read ahead in order."""
             def load(j: int):
-                rows = slice(lo + j * b.batch_size, lo + (j + 1) * b.batch_size)
-                return to_device(qs.read(rows.start, rows.stop)), to_device(fp.read(rows.start, rows.stop))
+                a, z = lo + j * b.batch_size, min(hi, lo + (j + 1) * b.batch_size)
+                x, y = qs.read(a, z), fp.read(a, z)
+                return [(to_device(xm), to_device(ym)) for xm, ym in zip(x.split(b.micro_batch), y.split(b.micro_batch))]
 
-            for _, xy in prefetch(load, range(first_step, count), depth=2, clock=wait):
-                yield xy
+            steps = -(-(hi - lo) // b.batch_size)
+            for _, micro in prefetch(load, range(first_step, steps), depth=2, clock=wait):
+                yield micro
 
         def validate() -> float:
             if d.val_size == 0:
                 return float("nan")
             total, n = 0.0, 0
             with torch.no_grad():
-                for x, y in batches(0, lo=d.train_size, count=-(-d.val_size // b.batch_size)):
-                    out_ = block_forward(block, x, position_embeddings(rot, x))
-                    total += torch.nn.functional.mse_loss(out_.float(), y, reduction="sum").item()
-                    n += y.numel()
+                for micro in batches(0, lo=d.train_size, hi=n_all):
+                    for x, y in micro:
+                        out_ = block_forward(block, x, position_embeddings(rot, x))
+                        total += torch.nn.functional.mse_loss(out_.float(), y, reduction="sum").item()
+                        n += y.numel()
             return total / n
 
         def checkpoint(step: int) -> None:

@@ -99,7 +99,8 @@ def train_block(
 ) -> TrainResult:
     """The training loop of one block, resumable at ``start_step``.
 
-    ``batches(first_step)`` yields (input, target) pairs from that step of the epoch on; ``checkpoint(step)``
+    ``batches(first_step)`` yields, for each step from that step of the epoch on, the list of its (input, target)
+    micro-batches; ``checkpoint(step)``
     persists the state after ``step`` optimizer steps (called at every epoch end and every ``ckpt_every`` steps).
     """
     total = epochs * steps_per_epoch
@@ -110,27 +111,30 @@ def train_block(
     while step < total:
         epoch, first = divmod(step, steps_per_epoch)
         loss_sum, n = 0.0, 0
-        for x, y in batches(first):
+        for micro in batches(first):
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, g["base_lr"], min_lr_ratio)
-            with autocast(device):
-                out = forward(block, x)
-            loss = torch.nn.functional.mse_loss(out.float(), y.float())
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"block {block_idx}, step {step}: loss is {loss.item()}; lower --weight-lr/--quant-lr "
-                    "or check the source weights (a bf16 model run in fp16 overflows)"
-                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for x, y in micro:  # gradient accumulation: the mean over micro-batches equals the full batch's loss
+                with autocast(device):
+                    out = forward(block, x)
+                loss = torch.nn.functional.mse_loss(out.float(), y.float()) / len(micro)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"block {block_idx}, step {step}: loss is {loss.item()}; lower --weight-lr/--quant-lr "
+                        "or check the source weights (a bf16 model run in fp16 overflows)"
+                    )
+                loss.backward()
+                step_loss += loss.item()
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             step += 1
-            loss_sum += loss.item()
+            loss_sum += step_loss
             n += 1
             if on_step is not None:
-                on_step(loss.item())
+                on_step(step_loss)
             if step % steps_per_epoch == 0:
                 break
             if (ckpt_every and step % ckpt_every == 0) or should_stop():

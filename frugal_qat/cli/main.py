@@ -31,6 +31,7 @@ RUN_FLAGS = {
     "seed": "data.seed",
     "epochs": "block_ap.epochs",
     "batch_size": "block_ap.batch_size",
+    "grad_accum": "block_ap.grad_accum",
     "weight_lr": "block_ap.weight_lr",
     "quant_lr": "block_ap.quant_lr",
     "max_grad_norm": "block_ap.max_grad_norm",
@@ -157,10 +158,44 @@ def cmd_ppl(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from frugal_qat.demo import run_demo
+def cmd_plan(args) -> int:
+    import dataclasses
 
-    run_demo(Path(args.dir), wbits=args.wbits, group_size=args.group_size, budget=args.budget, device=args.device)
+    import psutil
+
+    from frugal_qat.config import load_recipe
+    from frugal_qat.planner import PlanSettings, format_plan, load_model_config, parse_bytes, plan, plan_to_json
+
+    cfg = _run_config(args)  # the recipe + flags, validated like a real run
+    recipe_e2e = (load_recipe(args.recipe) if args.recipe else {}).get("e2e_qp", {})
+    q, d, b = cfg.quant, cfg.data, cfg.block_ap
+    fields = {f.name for f in dataclasses.fields(PlanSettings)}
+    e2e = {f"e2e_{k}": v for k, v in recipe_e2e.items() if f"e2e_{k}" in fields}
+    if "grad_accum" in recipe_e2e:
+        e2e["grad_accum"] = recipe_e2e["grad_accum"]
+    settings = PlanSettings(
+        wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
+        block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
+        chunk_mb=cfg.offload.chunk_mb, device=args.plan_device,
+        gpu_mem=parse_bytes(args.gpu_mem) if args.plan_device == "cuda" else None,
+        cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else psutil.virtual_memory().total,
+        disk_free=__import__("shutil").disk_usage(args.disk).free if args.disk else None,
+        **e2e,
+    )
+    p = plan(load_model_config(args.model), settings)
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan_to_json(p), indent=2) + "\n")
+    print(format_plan(p))
+    return 0 if p.fits else 1
+
+
+def cmd_demo(args) -> int:
+    from frugal_qat.demo import format_table, run_demo
+
+    rows = run_demo(Path(args.dir), wbits=args.wbits, group_size=args.group_size, recipe=args.recipe, device=args.device)
+    print()
+    print(format_table(rows))
+    print(f"results: {Path(args.dir) / 'demo_results.json'}")
     return 0
 
 
@@ -174,7 +209,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, help="tokens per window")
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs", type=int, help="epochs per block; 0 = round-to-nearest")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="samples per optimizer step")
+    p.add_argument("--grad-accum", type=int, help="split each step into this many micro-batches (same result, less memory)")
     p.add_argument("--weight-lr", type=float)
     p.add_argument("--quant-lr", type=float)
     p.add_argument("--max-grad-norm", type=float)
@@ -212,11 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(fn=cmd_ppl)
 
+    p = sub.add_parser("plan", help="memory (GPU, RAM, disk) and time a run needs, from config.json alone")
+    p.add_argument("--model", required=True, help="model directory, config.json, or a shipped name (e.g. llama-2-70b)")
+    _add_run_flags(p)
+    p.add_argument("--plan-device", choices=["cuda", "cpu"], default="cuda", help="plan for a GPU or a CPU-only run")
+    p.add_argument("--gpu-mem", default="80GiB")
+    p.add_argument("--cpu-mem", help="host RAM available (default: this machine's)")
+    p.add_argument("--disk", help="a directory on the disk the run will use (its free space is checked)")
+    p.add_argument("--json", help="also write the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
+
     p = sub.add_parser("demo", help="the built-in demo: SmolLM2-135M, fp16 vs RTN vs Block-AP")
     p.add_argument("--dir", default="demo", help="where the demo writes its model, runs and results")
     p.add_argument("--wbits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--budget", choices=["quick", "full"], default="quick")
+    p.add_argument("--recipe", help="Block-AP settings (default: recipes/demo.yaml)")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_demo)
     return ap

@@ -135,6 +135,11 @@ def demo_texts(doc_sources: Path = PYTHON_DOC_SOURCES) -> tuple[list[str], list[
     return calib, held_out
 
 
+def demo_source_dir(doc_sources: Path = PYTHON_DOC_SOURCES) -> Path:
+    """The directory :func:`demo_texts` reads (its fingerprint keys the token cache)."""
+    return doc_sources if doc_sources.is_dir() else Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_docstring_texts(held_out_every: int = 10) -> tuple[list[str], list[str]]:
     """``(calibration, held-out)`` documents made of the standard library's docstrings.
 

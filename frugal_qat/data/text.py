@@ -59,6 +59,10 @@ HUB_DATASETS: dict[str, HubDataset] = {
 }
 
 
+# The built-in demo's offline text (see data/demo.py): calibration, and the held-out text for perplexity.
+DEMO_SOURCES = ("demo", "demo-heldout")
+
+
 def parse_hub_source(source: str) -> tuple[str, str] | None:
     """``"wikitext2:train"`` -> ``("wikitext2", "train")``; ``"c4"`` -> ``("c4", "validation")``; else None."""
     name, _, split = source.partition(":")
@@ -91,7 +95,11 @@ def load_documents(source: str) -> list[str]:
     """
     path = Path(source).expanduser()
     hub = None if path.exists() else parse_hub_source(source)
-    if hub is not None:
+    if not path.exists() and source in DEMO_SOURCES:
+        from frugal_qat.data.demo import demo_texts
+
+        docs = demo_texts()[DEMO_SOURCES.index(source)]
+    elif hub is not None:
         docs = _load_hub(*hub)
     else:
         docs = []
@@ -182,6 +190,10 @@ def source_fingerprint(source: str) -> str:
     """A string that changes when the text of ``source`` may have changed: for local text the path and each
     file's relative name, size and mtime; for a Hub dataset its name and split."""
     path = Path(source).expanduser()
+    if not path.exists() and source in DEMO_SOURCES:
+        from frugal_qat.data.demo import demo_source_dir
+
+        path = demo_source_dir()  # the demo's text is whichever local corpus demo_texts() reads
     if not path.exists() and (hub := parse_hub_source(source)) is not None:
         return f"hub:{hub[0]}:{hub[1]}"
     parts = [f"local:{path.resolve()}"]

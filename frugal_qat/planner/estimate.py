@@ -39,9 +39,9 @@ PHASE_TITLES = {"block_ap": "Block-AP (per block)", "e2e_qp": "E2E-QP", "ppl_eva
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the families frugal_qat.arch builds
 
 # prefetch(depth=k) keeps k+1 loads ahead of the item in use (offload/prefetch.py).
-BLOCKS_AHEAD = 2  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)
-BATCHES_AHEAD = 3  # block_ap/run.py: prefetch(micro-batch pairs, depth=2)
-CHUNKS_AHEAD = 2  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
+BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)
+BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch pairs, depth=2)
+CHUNKS_AHEAD = 1  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
 # bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements; tensors of
 # at most 4096 elements keep fp32 states.
 BNB_BLOCK = 256
@@ -264,7 +264,8 @@ class PlanSettings:
             problems.append(f"group_size={self.group_size}; choose a positive divisor of the layer widths or -1")
         positive = ("seqlen", "batch_size", "block_ap_grad_accum", "train_size", "e2e_seqlen", "e2e_batch_size",
                     "e2e_train_size", "grad_accum", "logits_chunk", "dequant_tile", "eval_samples", "eval_batch_size")
-        problems += [f"{f}={getattr(self, f)}; it must be a positive integer" for f in positive if getattr(self, f) <= 0]
+        problems += [f"{f}={getattr(self, f)}; it must be a positive integer"
+                     for f in positive if getattr(self, f) <= 0]
         problems += [f"{f}={getattr(self, f)}; it must be >= 0" for f in ("val_size", "epochs", "e2e_epochs")
                      if getattr(self, f) < 0]
         if self.device not in ("cuda", "cpu"):
@@ -548,7 +549,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
              + val_batches * s.batch_size * (2 * Pl * L + att)  # validation before training and per epoch
              + 2 * n_all * (2 * Pl * L + att))  # fp stream and quant stream updates
     io = (2 * 3 * stream  # both updates: read, journal, write
-          + 2 * L * H * 2 * (s.epochs * (s.train_size // s.batch_size) * s.batch_size + val_batches * s.batch_size)
+          + 2 * L * H * 2 * (steps + val_batches) * s.batch_size  # input + target of every (validation) step
           + P * 2  # the block's 16-bit weights
           + (s.epochs * ckpt if train else 0))  # a checkpoint at every epoch end
     return _phase("block_ap", s, dev, host, disk, flops * shape.layers, io, shape.layers)
@@ -602,8 +603,8 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     ]
     tokens = s.e2e_epochs * s.e2e_train_size * L
     # forward 2, recompute 2, grad of inputs 2, grad of scales (needs dL/dW per group) 2; lm_head frozen: 4*V*H
-    flops = tokens * (8 * n * shape.block_linear_params + 4 * V * H) + s.e2e_epochs * s.e2e_train_size * n * 4 * \
-        _attention_flops(shape, L)
+    flops = (tokens * (8 * n * shape.block_linear_params + 4 * V * H)
+             + s.e2e_epochs * s.e2e_train_size * n * 4 * _attention_flops(shape, L))  # forward, recompute, backward
     io = 2 * packed_model_bytes(shape, s.wbits, s.group_size)  # read once, write once
     return _phase("e2e_qp", s, dev, host, disk, flops, io, 1)
 
@@ -616,7 +617,7 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     chunk = _chunk_bytes(shape, L, s.chunk_mb, 4, s.eval_samples)
     logit_rows = min(s.logits_chunk, L - 1)
     dev = [
-        _term("current block (fp32)", 4 * P, "4*P"),
+        _term("current block (fp32)", 4 * P, "4*P", "blocks"),
         _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks"),
         _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, c, 4),
               "T*(c*3*I + 4*2*H)", "blocks"),
@@ -634,8 +635,8 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     ]
     disk = [_term("hidden-state scratch stream (fp32)", stream, "n_eval*L*H*4, deleted at the end")]
     tokens = s.eval_samples * L
-    flops = shape.layers * (2 * shape.block_linear_params * tokens + s.eval_samples * _attention_flops(shape, L)) \
-        + 2 * V * H * tokens
+    flops = (shape.layers * (2 * shape.block_linear_params * tokens + s.eval_samples * _attention_flops(shape, L))
+             + 2 * V * H * tokens)
     io_block = 2 * stream + 2 * P
     return _phase("ppl_eval", s, dev, host, disk, flops, io_block, shape.layers)
 
@@ -676,7 +677,8 @@ def reference_host_terms(shape: ModelShape, s: PlanSettings) -> list[Term]:
     ]
 
 
-def _plan_phases(config: dict[str, Any], s: PlanSettings, phases: tuple[str, ...]) -> tuple[ModelShape, list[PhasePlan]]:
+def _plan_phases(config: dict[str, Any], s: PlanSettings,
+                 phases: tuple[str, ...]) -> tuple[ModelShape, list[PhasePlan]]:
     unknown = [p for p in phases if p not in _PLANNERS]
     if unknown:
         raise ConfigError(f"unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
@@ -745,7 +747,7 @@ def _describe(old: PlanSettings, new: PlanSettings, label: str, keeps: bool, pha
     peak = max(p.device_peak if new.device == "cuda" else p.ram_peak for p in phase_plans)
     hours = sum(p.seconds for p in phase_plans) / 3600
     return (f"{changes} ({label}; {'same results' if keeps else 'changes the recipe'}): fits, peak {mem} "
-            f"{peak / GiB:.1f} GiB, about {hours:.1f} h")
+            f"{peak / GiB:.1f} GiB, about {hours:.1f} h over the planned phases")
 
 
 def _phases_fit(config: dict[str, Any], s: PlanSettings, phases: tuple[str, ...]) -> list[PhasePlan] | None:

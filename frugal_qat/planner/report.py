@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from frugal_qat.planner.estimate import GiB, PHASE_TITLES, Plan, PhasePlan, Term
+from frugal_qat.planner.estimate import PHASE_TITLES, GiB, PhasePlan, Plan, Term
 
 
 def _gib(n: int) -> str:
@@ -14,6 +14,10 @@ def _gib(n: int) -> str:
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _decimal(n: float) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
 
 
 def _limit(value: int | None) -> str:
@@ -39,12 +43,12 @@ def _phase_lines(p: PhasePlan, plan: Plan) -> list[str]:
     lines = [f"{PHASE_TITLES[p.phase]}" + ("  (figures per block; * = largest term)" if p.blocks > 1 else
                                           "  (* = largest term)")]
     lines += _section(dev_title, p.device_terms, "peak", p.device_peak, s.gpu_mem if p.device == "cuda" else None)
-    lines += _section("host RAM", p.host_terms, "peak" + (" (with the compute terms above)" if p.device == "cpu" else ""),
-                      p.ram_peak, s.cpu_mem)
+    ram_label = "peak (with the compute terms above)" if p.device == "cpu" else "peak"
+    lines += _section("host RAM", p.host_terms, ram_label, p.ram_peak, s.cpu_mem)
     lines += _section("disk", p.disk_terms, "total", p.disk_total, s.disk_free)
-    per_block = f"; I/O per block {p.io_bytes_per_block / 1e9:.1f} GB" if p.blocks > 1 else ""
+    per_block = f"; I/O per block {_decimal(p.io_bytes_per_block)}" if p.blocks > 1 else ""
     lines.append(f"  time: about {_hours(p.seconds)} (compute {_hours(p.compute_seconds)} + I/O "
-                 f"{_hours(p.io_seconds)}, {p.io_bytes / 1e9:.0f} GB moved{per_block})")
+                 f"{_hours(p.io_seconds)}, {_decimal(p.io_bytes)} moved{per_block})")
     return lines
 
 

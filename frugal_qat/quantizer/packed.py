@@ -14,16 +14,19 @@ Gradients (``packed_linear``'s autograd function) go to x and to the scales only
     dL/dx        = dL/dy @ W^T
     dL/ds[j, o]  = sum_{i in group j} (q[i, o] - z[j, o]) * dL/dW[i, o],     dL/dW = x^T @ dL/dy
 
-The codes and zero points are frozen integers (no gradient), and so is the bias. Memory: the torch path dequantizes
-``T`` rows of W at a time (T a multiple of 32, so a tile starts on a word boundary for every bit width) and reduces
-each tile's ``dL/dW`` into its groups at once, so neither W nor dL/dW ever exists for the whole layer; backward
-saves only x, the packed buffers and the scales. The Triton kernels (``triton_kernels.py``) fuse the same maths
-into register tiles. Tiles do not have to align with groups: each row is gathered with its own group's z and s.
+The codes and zero points are frozen integers (no gradient), and so is the bias. Memory: backward saves only x, the
+packed buffers and the scales. The torch path dequantizes T rows of W at a time and reduces each tile's ``dL/dW``
+into its groups at once, so neither W nor dL/dW ever exists for the whole layer: its temporaries are about
+``9 * T * N`` bytes (codes, ``q - z`` turned into W in place, one ``dL/dW`` tile), e.g. 50 MB for T = 512 and
+N = 11008. A tile starts on a word boundary (a multiple of 32 rows, for every bit width) and holds whole groups or
+part of one group, so z and s broadcast without gathered copies. The Triton kernels (``triton_kernels.py``) fuse the
+same maths into register tiles.
 
 Dtypes: the scales are fp32 masters (trainable) and are read as such by both paths; fp16 copies are made only when
 writing a checkpoint (``to_packed``). The torch path computes in fp32 on CPU (this machine's 16-bit matmuls are
-pathologically slow) and in x's dtype elsewhere, always accumulating over tiles in fp32; y and dL/dx come back in
-x's dtype, dL/ds in the scales' dtype. Under autocast x is first cast to the autocast dtype, as ``F.linear`` would be.
+pathologically slow), in x's dtype on other devices, and in float64 for float64 x (gradient checks), always
+accumulating over tiles in fp32 or better; y and dL/dx come back in x's dtype, dL/ds in the scales' dtype. Under
+autocast x is first cast to the autocast dtype, as ``F.linear``'s input would be.
 
 Backends: ``"auto"`` runs the Triton kernels for CUDA tensors when triton is installed, the torch path otherwise;
 ``"torch"`` forces the torch path (the oracle); ``"triton"`` forces the kernels (on CPU only under
@@ -46,7 +49,7 @@ from frugal_qat.quantizer.primitives import resolve_group_size
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
-DEFAULT_TILE_ROWS = 1024
+DEFAULT_TILE_ROWS = 512
 
 
 def check_packed_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor | None, bits: int,
@@ -186,8 +189,8 @@ def _unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int, dtype: tor
 
 
 def _tile_bounds(in_features: int, g: int, tile_rows: int):
-    """Row ranges ``[k0, k1)`` that start on a word boundary (k0 % 32 == 0) and never split a group unevenly:
-    each tile is either whole groups or part of a single group, so z and s broadcast over a ``[n, r, N]`` view.
+    """Row ranges ``[k0, k1)`` that start on a word boundary (k0 % 32 == 0) and are either whole groups or part of
+    a single group, so that z and s broadcast over a ``[n, r, N]`` view of the tile (no gathered copies).
 
     Whole groups when ``lcm(32, g) <= tile_rows`` (or when a group cannot be split on a word boundary, in which case
     a tile grows to ``lcm(32, g)`` rows); otherwise each group is cut into tiles of ``tile_rows``.
@@ -203,36 +206,36 @@ def _tile_bounds(in_features: int, g: int, tile_rows: int):
             yield k0, min(k0 + step, in_features)
 
 
-def _tiles(qweight: torch.Tensor, zeros: torch.Tensor, spec: _Spec, in_features: int, dtype: torch.dtype):
-    """Yield ``(k0, k1, j0, q_minus_z)`` per tile of rows ``[k0, k1)``: ``q - z`` as a ``[n, r, N]`` view of the tile
-    (n groups ``j0 .. j0+n-1`` of r rows each), in ``dtype``."""
+def _q_minus_z(qweight: torch.Tensor, zeros: torch.Tensor, spec: _Spec, k0: int, k1: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, slice]:
+    """``q - z`` of rows ``[k0, k1)`` as a ``[n, r, N]`` tensor (n groups of r rows) in ``dtype``, and the slice of
+    those n groups."""
     g, bits = spec.group_size, spec.bits
-    for k0, k1 in _tile_bounds(in_features, g, spec.tile_rows):
-        w0 = k0 * bits // 32  # exact: k0 is a multiple of 32
-        codes = unpack_rows(qweight[w0 : w0 + packed_rows(k1 - k0, bits)], bits, k1 - k0)
-        rows = min(g, k1 - k0)
-        j0 = k0 // g
-        q_minus_z = codes.to(dtype).view(-1, rows, codes.shape[1])
-        q_minus_z -= zeros[j0 : j0 + q_minus_z.shape[0], None]
-        yield k0, k1, j0, q_minus_z
+    w0 = k0 * bits // 32  # exact: k0 is a multiple of 32
+    codes = unpack_rows(qweight[w0 : w0 + packed_rows(k1 - k0, bits)], bits, k1 - k0)
+    q_minus_z = codes.to(dtype).view(-1, min(g, k1 - k0), codes.shape[1])
+    groups = slice(k0 // g, k0 // g + q_minus_z.shape[0])
+    q_minus_z -= zeros[groups, None]
+    return q_minus_z, groups
 
 
-def _weight_tile(q_minus_z: torch.Tensor, scales: torch.Tensor, j0: int, dtype: torch.dtype) -> torch.Tensor:
-    """``W[k0:k1] = (q - z) * s`` as ``[T, N]`` in ``dtype``."""
-    w = q_minus_z * scales[j0 : j0 + q_minus_z.shape[0], None].to(q_minus_z.dtype)
-    return w.view(-1, w.shape[-1]).to(dtype)
+def _scale_(q_minus_z: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``W = (q - z) * s`` in place on ``q_minus_z`` [n, r, N] (scales [n, N]), returned as ``[n*r, N]``."""
+    return q_minus_z.mul_(scales[:, None].to(q_minus_z.dtype)).view(-1, q_minus_z.shape[-1])
 
 
 def _torch_matmul(x2, qweight, qzeros, scales, spec: _Spec) -> torch.Tensor:
     cd, acc = _compute_dtypes(x2)
     zeros = _unpack_zeros(qzeros, spec.bits, qweight.shape[1], acc)
     y = torch.zeros(x2.shape[0], qweight.shape[1], dtype=acc, device=x2.device)
-    for k0, k1, j0, q_minus_z in _tiles(qweight, zeros, spec, x2.shape[1], acc):
-        w = _weight_tile(q_minus_z, scales, j0, cd)
+    for k0, k1 in _tile_bounds(x2.shape[1], spec.group_size, spec.tile_rows):
+        q_minus_z, groups = _q_minus_z(qweight, zeros, spec, k0, k1, acc)
+        w = _scale_(q_minus_z, scales[groups]).to(cd)
         if cd == acc:
             y.addmm_(x2[:, k0:k1].to(cd), w)
         else:
             y += x2[:, k0:k1] @ w
+        del q_minus_z, w  # before the next tile is unpacked: at most one tile exists at a time
     return y.to(x2.dtype)
 
 
@@ -242,18 +245,26 @@ def _torch_backward(x2, grad_y, qweight, qzeros, scales, spec: _Spec, need_x: bo
     grad_y = grad_y.to(cd)
     grad_x = torch.empty_like(x2) if need_x else None
     grad_s = torch.zeros(scales.shape, dtype=acc, device=scales.device) if need_s else None
-    for k0, k1, j0, q_minus_z in _tiles(qweight, zeros, spec, x2.shape[1], acc):
-        if need_x:
-            grad_x[:, k0:k1] = grad_y @ _weight_tile(q_minus_z, scales, j0, cd).t()
+    for k0, k1 in _tile_bounds(x2.shape[1], spec.group_size, spec.tile_rows):
+        q_minus_z, groups = _q_minus_z(qweight, zeros, spec, k0, k1, acc)
         if need_s:
-            # dL/dW for this tile only, reduced into its groups right away.
+            # dL/dW of this tile only, reduced into its groups at once and freed.
             grad_w = (x2[:, k0:k1].to(cd).t() @ grad_y).to(acc).view(q_minus_z.shape)
-            grad_s[j0 : j0 + q_minus_z.shape[0]] += grad_w.mul_(q_minus_z).sum(1)
+            grad_s[groups] += grad_w.mul_(q_minus_z).sum(1)
+            del grad_w
+        if need_x:
+            grad_x[:, k0:k1] = grad_y @ _scale_(q_minus_z, scales[groups]).to(cd).t()  # q_minus_z is W now
+        del q_minus_z  # before the next tile is unpacked: at most one tile exists at a time
     return grad_x, grad_s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # module
+
+
+def _group_index(in_features: int, g: int) -> torch.Tensor:
+    """GPTQ's ``g_idx``: int32 ``[in]``, ``i // g``."""
+    return torch.arange(in_features, dtype=torch.int32) // g
 
 
 class PackedLinear(nn.Module):
@@ -277,7 +288,9 @@ class PackedLinear(nn.Module):
         int32 = dict(dtype=torch.int32, device=device)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, **int32))
         self.register_buffer("qzeros", torch.zeros(n_groups, packed_rows(out_features, bits), **int32))
-        self.register_buffer("g_idx", (torch.arange(in_features, device=device) // g).to(torch.int32))
+        # Computed on the CPU and moved: arithmetic on the meta device imports torch's Python decompositions
+        # (about 150 MB of RSS and 1.5 s, once per process).
+        self.register_buffer("g_idx", _group_index(in_features, g).to(device))
         self.scales = nn.Parameter(torch.ones(n_groups, out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
 
@@ -303,8 +316,7 @@ class PackedLinear(nn.Module):
         if tensors["qweight"].shape[1] != out_features:
             raise ValueError(f"qweight has {tensors['qweight'].shape[1]} columns, expected out_features "
                              f"{out_features}")
-        device = tensors["qweight"].device
-        g_idx = (torch.arange(in_features, device=device) // layer.group_size).to(torch.int32)
+        g_idx = _group_index(in_features, layer.group_size).to(tensors["qweight"].device)
         if "g_idx" in tensors and not torch.equal(tensors["g_idx"].to(g_idx), g_idx):
             raise ValueError(f"g_idx is not i // {layer.group_size} (activation reordering / desc_act); only "
                              f"desc_act=false checkpoints are supported")

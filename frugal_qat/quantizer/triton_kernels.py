@@ -11,21 +11,22 @@ Packed layout (GPTQ-compatible, see ``shared/docs/efficientqat-notes.md`` §4 an
 
 With ``g`` the (effective) group size and ``G = K / g``::
 
-    W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]                     (dequantize, never stored)
-    y       = x @ W                                  x [M, K]  -> y [M, N]         dequant_matmul
-    grad_x  = grad_y @ W^T                           grad_y [M, N] -> [M, K]       dequant_matmul_grad_input
-    grad_s[j, n] = sum_{k in group j} (q[k, n] - z[j, n]) * (x^T @ grad_y)[k, n]  -> [G, N] fp32   dequant_matmul_grad_scales
+    W[k, n]      = (q[k, n] - z[k // g, n]) * s[k // g, n]        dequantized in registers, never stored
+    y            = x @ W                  [M, N]                     dequant_matmul
+    grad_x       = grad_y @ W^T           [M, K]                     dequant_matmul_grad_input
+    grad_s[j, n] = sum_{k in group j} (q[k, n] - z[j, n]) * (x^T @ grad_y)[k, n]
+                                          [G, N] fp32                dequant_matmul_grad_scales
 
 Legend: M tokens (batch flattened), K in_features, N out_features, b bits, G groups.
 
-Every load is masked on K, N and M, so ragged shapes and ``group_size = -1`` (one group of K rows; pass g = K) never read
-out of bounds. Products accumulate in fp32; ``tl.dot`` takes operands in the input dtype (fp16/bf16 use tensor cores,
+Every load is masked on K, N and M, so ragged shapes and ``group_size = -1`` (one group of K rows) never read out of
+bounds. Products accumulate in fp32; ``tl.dot`` takes operands in the input dtype (fp16/bf16 use tensor cores,
 fp32 uses IEEE precision so results match torch's fp32 matmul), except that bf16 is upcast to fp32 under
 ``TRITON_INTERPRET=1``, whose ``tl.dot`` returns garbage for bf16. The scale gradient has one program per
 (group, N block): it reduces its whole group itself, so there are no atomics and the result is deterministic.
 
-``TRITON_INTERPRET`` is read by ``@triton.jit`` when this module is imported: set it before the import (tests do).
-Only the interpreter runs on a machine without a GPU.
+``TRITON_INTERPRET=1`` (the only mode that runs without a GPU) must be set before ``import triton``: ``@triton.jit``
+reads it when it decorates, both triton's own helpers (e.g. the combine function of ``tl.sum``) and the kernels below.
 """
 
 from __future__ import annotations

@@ -158,8 +158,10 @@ def test_not_enough_disk(env, capsys, tmp_path):
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
         pytest.fail("this test needs root to mount a tmpfs (CI and the dev machines run as root)")
+    big = tmp / "big.txt"
+    big.write_text(CORPUS * 400)
     try:
-        code = _block_ap(model, tmp / "out", calib, "--train-size", "64", "--seqlen", "64", "--work-dir", str(mnt))
+        code = _block_ap(model, tmp / "out", big, "--train-size", "64", "--seqlen", "256", "--work-dir", str(mnt))
         _expect_error(capsys, code, "GiB", "free space")
     finally:
         subprocess.run(["umount", str(mnt)])

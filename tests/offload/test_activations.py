@@ -106,3 +106,17 @@ print((psutil.Process().memory_info().rss - base) / 2**20)
     grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  env=dict(os.environ)).stdout.strip())
     assert grown < 100, f"RSS grew by {grown:.0f} MiB while streaming 256 MiB"
+
+
+def test_prefetch_runs_at_most_depth_loads_ahead():
+    started = []
+
+    def load(i):
+        started.append(i)
+        return i
+
+    import time
+
+    for item, _ in prefetch(load, range(8), depth=2):
+        time.sleep(0.02)  # let the worker run as far ahead as it may
+        assert max(started) <= item + 2, f"while holding {item}, loads up to {max(started)} had started"

@@ -1,0 +1,73 @@
+"""The built-in demo: SmolLM2-135M quantized with RTN and with Block-AP, against its fp16 original.
+
+Each step runs the real command in a subprocess (so each reports its own peak RSS, as a user would see it):
+convert the shipped GGUF to a safetensors checkpoint, measure fp16 perplexity on held-out text, run `block-ap`
+with 0 epochs (RTN) and with the recipe's epochs, measure both runs' perplexity. Results go to DIR/demo_results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from frugal_qat.checkpoint.store import atomic_write_json
+from frugal_qat.errors import ConfigError, FrugalQATError
+
+log = logging.getLogger(__name__)
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+EVAL = {"data": "demo-heldout", "seqlen": 512, "max_windows": 40}  # notes §8: 40 x 512 held-out tokens
+
+
+def _cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "frugal_qat", *args]
+    log.info("$ frugal-qat %s", " ".join(args))
+    if subprocess.run(cmd).returncode != 0:
+        raise FrugalQATError(f"demo step failed: frugal-qat {' '.join(args)} (its error is printed above)")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors") if f.name != "calib.safetensors")
+
+
+def _ppl(model: Path, out_json: Path, device: str) -> dict:
+    _cli("ppl", "--model", str(model), "--data", EVAL["data"], "--seqlen", str(EVAL["seqlen"]),
+         "--max-windows", str(EVAL["max_windows"]), "--device", device, "--json", str(out_json))
+    return json.loads(out_json.read_text())
+
+
+def run_demo(root: Path, wbits: int, group_size: int, recipe: Path | None = None, device: str = "auto",
+             extra_args: tuple[str, ...] = ()) -> list[dict]:
+    from frugal_qat.data.demo import make_smollm2_checkpoint
+
+    recipe = Path(recipe or DEFAULT_RECIPE)
+    if not recipe.is_file():
+        raise ConfigError(f"demo recipe {recipe} not found; pass --recipe recipes/demo.yaml from a frugal-qat checkout")
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = make_smollm2_checkpoint(root / "smollm2-135m")
+    rows = [{"method": "fp16", "seconds": round(time.time() - t0, 1), "peak_rss_bytes": None,
+             "bytes": _dir_bytes(model), **_ppl(model, root / "ppl_fp16.json", device)}]
+    tag = f"w{wbits}g{group_size}"
+    for method, epochs in (("RTN", ["--epochs", "0"]), ("Block-AP", [])):
+        run = root / f"run-{tag}-{'rtn' if method == 'RTN' else 'block-ap'}"
+        _cli("block-ap", "--model", str(model), "--out", str(run), "--recipe", str(recipe), "--wbits", str(wbits),
+             "--group-size", str(group_size), "--device", device, *epochs, *extra_args)
+        summary = json.loads((run / "summary.json").read_text())
+        ppl = _ppl(run, run / "ppl_heldout.json", device)
+        rows.append({"method": f"{method} {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
+                     "bytes": summary["output_bytes"], **ppl})
+    atomic_write_json(root / "demo_results.json", {"recipe": str(recipe), "eval": EVAL, "rows": rows})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'method':<16} {'held-out ppl':>12} {'wall s':>8} {'peak RSS':>9} {'size on disk':>13}",
+             "-" * 62]
+    for r in rows:
+        rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else "-"
+        lines.append(f"{r['method']:<16} {r['ppl']:>12.2f} {r['seconds']:>8.1f} {rss:>9} {r['bytes'] / 2**20:>9.1f} MiB")
+    return "\n".join(lines)
