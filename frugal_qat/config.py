@@ -96,6 +96,47 @@ class BlockAPConfig:
 
 
 @dataclass
+class E2EConfig:
+    """E2E-QP (paper §3.3): only the step sizes train, end to end on the language-model loss."""
+
+    data: str = "redpajama"  # text source (as --calib), or an Alpaca-style .json/.jsonl with format: alpaca
+    format: str = "pretrain"  # pretrain: text packed into seqlen windows | alpaca: instruction/input/output
+    seqlen: int = 4096
+    train_size: int = 4096  # sequences
+    batch_size: int = 4
+    grad_accum: int = 8
+    epochs: int = 1
+    lr: float | None = None  # None: 2e-5 for 2-bit, 1e-5 otherwise (paper)
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    source_len: int = 384  # alpaca: prompt tokens kept
+    target_len: int = 128  # alpaca: response tokens kept
+    optimizer: str = "auto"  # auto: paged 8-bit AdamW on CUDA, 8-bit AdamW on CPU | adamw8bit | adamw
+    logits_chunk: int = 1024  # tokens per lm_head/loss chunk: the vocab-sized logits never exist for a whole batch
+    ckpt_every_steps: int = 16
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.format not in ("pretrain", "alpaca"):
+            out.append(f"e2e_qp.format={self.format!r}; choose pretrain or alpaca")
+        if self.optimizer not in ("auto", "adamw8bit", "paged_adamw8bit", "adamw"):
+            out.append(f"e2e_qp.optimizer={self.optimizer!r}; choose auto, adamw8bit, paged_adamw8bit or adamw")
+        for name in ("seqlen", "train_size", "batch_size", "grad_accum", "epochs", "logits_chunk", "ckpt_every_steps"):
+            if getattr(self, name) <= 0:
+                out.append(f"e2e_qp.{name}={getattr(self, name)} must be positive")
+        if self.batch_size > 0 and self.grad_accum > 0 and self.train_size % (self.batch_size * self.grad_accum):
+            out.append(f"e2e_qp.train_size={self.train_size} is not a multiple of batch_size x grad_accum "
+                       f"= {self.batch_size * self.grad_accum}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append("e2e_qp.warmup_ratio must be in [0, 1)")
+        return out
+
+    def resolved_lr(self, wbits: int) -> float:
+        return self.lr if self.lr is not None else (2e-5 if wbits == 2 else 1e-5)
+
+
+@dataclass
 class OffloadConfig:
     work_dir: str | None = None  # None: <out>/work
     chunk_mb: float = 64  # MiB per read/compute/write chunk of the activation streams
@@ -115,11 +156,12 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
     block_ap: BlockAPConfig = field(default_factory=BlockAPConfig)
+    e2e_qp: E2EConfig = field(default_factory=E2EConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def validate(self) -> RunConfig:
         problems = self.quant.problems() + self.data.problems() + self.block_ap.problems(self.data)
-        problems += self.offload.problems()
+        problems += self.e2e_qp.problems() + self.offload.problems()
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
         return self
@@ -184,7 +226,7 @@ def resolve(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | No
     problems: list[str] = []
     merged: list[tuple[str, str, Any]] = []
     for section, body in (recipe or {}).items():
-        if section in ("name", "description", "e2e_qp"):  # informational / owned by other commands
+        if section in ("name", "description"):  # informational
             continue
         if section not in SECTIONS:
             problems.append(f"unknown recipe section {section!r}{_suggest(section, list(SECTIONS))}")

@@ -272,7 +272,8 @@ def run_block_ap(
         result = TrainResult()
         start_step = 0
         if ckpt.is_file():
-            start_step, metrics = load_train_checkpoint(ckpt, block, optimizer)
+            start_step, metrics, trained = load_train_checkpoint(ckpt, optimizer)
+            block.load_state_dict(trained, strict=True)
             result = TrainResult(**metrics)  # metrics of the epochs done before the kill ride along
 
         def batches(first_step: int, lo: int = 0, hi: int = d.train_size):
@@ -299,7 +300,7 @@ def run_block_ap(
             return total / n
 
         def checkpoint(step: int) -> None:
-            save_train_checkpoint(ckpt, block, optimizer, step, metrics=asdict(result))
+            save_train_checkpoint(ckpt, block.state_dict(), optimizer, step, metrics=asdict(result))
 
         if m.progress.stage == "train":
             if start_step == 0:

@@ -94,40 +94,63 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 
 def save_train_checkpoint(
-    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, metrics: dict[str, Any] | None = None
+    path: Path, state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int,
+    metrics: dict[str, Any] | None = None,
 ) -> None:
-    """Trainable tensors, optimizer moments, step, RNG and the metrics so far in one safetensors file (no pickle)."""
-    tensors: dict[str, torch.Tensor] = {f"param.{k}": v for k, v in module.state_dict().items()}
+    """Named trained tensors, optimizer state, step, RNG and the metrics so far in one safetensors file (no pickle).
+
+    The optimizer's tensors are stored by parameter position, so the optimizer must be rebuilt with the same
+    parameter order before :func:`load_train_checkpoint`.
+    """
+    tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach() for k, v in state.items()}
+    scalars: dict[str, Any] = {}  # non-tensor optimizer state (bitsandbytes keeps its step as an int)
+    aliases: dict[str, str] = {}  # bitsandbytes shares its quantization maps between parameters: store them once
+    first_key: dict[int, str] = {}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for idx, p in enumerate(params):
         for name, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"opt.{idx}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
+            key = f"opt.{idx}.{name}"
+            if not isinstance(value, torch.Tensor):
+                scalars[f"{idx}.{name}"] = value
+            elif value.data_ptr() in first_key and value.numel():
+                aliases[key] = first_key[value.data_ptr()]
+            else:
+                first_key[value.data_ptr()] = key
+                tensors[key] = value.reshape(-1) if value.dim() == 0 else value
     tensors["rng.cpu"] = torch.get_rng_state()
-    meta = {"step": str(step), "metrics": json.dumps(metrics or {})}
+    meta = {"step": str(step), "metrics": json.dumps(metrics or {}), "opt_scalars": json.dumps(scalars),
+            "opt_aliases": json.dumps(aliases)}
     kill_point("train_checkpoint")
     atomic_save_tensors(path, tensors, metadata=meta)
 
 
 def load_train_checkpoint(
-    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, dict[str, Any]]:
-    """Restore module, optimizer and RNG in place; returns (steps done, metrics so far)."""
+    path: Path, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore the optimizer and the RNG in place; returns (steps done, metrics so far, the named tensors)."""
     from safetensors import safe_open
 
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     step, metrics = int(meta["step"]), json.loads(meta.get("metrics", "{}"))
-    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")}, strict=True)
+    scalars = json.loads(meta.get("opt_scalars", "{}"))
+    shared: dict[str, torch.Tensor] = {}  # one restored tensor per stored one, so aliases share again
+    for alias, key in json.loads(meta.get("opt_aliases", "{}")).items():
+        tensors[alias] = tensors[key]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for idx, p in enumerate(params):
-        state = {}
+        state = {k.split(".", 1)[1]: v for k, v in scalars.items() if k.split(".", 1)[0] == str(idx)}
         for key, v in tensors.items():
             if key.startswith(f"opt.{idx}."):
                 name = key[len(f"opt.{idx}.") :]
-                state[name] = v.reshape(()) if name == "step" else v.to(p.device)
+                if name == "step":
+                    state[name] = v.reshape(())
+                else:
+                    if id(v) not in shared:
+                        shared[id(v)] = v.to(p.device)
+                    state[name] = shared[id(v)]
         if state:
             optimizer.state[p] = state
     torch.set_rng_state(tensors["rng.cpu"])
-    return step, metrics
+    return step, metrics, {k[6:]: v for k, v in tensors.items() if k.startswith("param.")}

@@ -42,6 +42,24 @@ RUN_FLAGS = {
 }
 
 
+# e2e-qp flag -> "section.field"
+E2E_FLAGS = {
+    "data": "e2e_qp.data",
+    "format": "e2e_qp.format",
+    "seqlen": "e2e_qp.seqlen",
+    "train_size": "e2e_qp.train_size",
+    "batch_size": "e2e_qp.batch_size",
+    "grad_accum": "e2e_qp.grad_accum",
+    "lr": "e2e_qp.lr",
+    "epochs": "e2e_qp.epochs",
+    "optimizer": "e2e_qp.optimizer",
+    "ckpt_every": "e2e_qp.ckpt_every_steps",
+    "logits_chunk": "e2e_qp.logits_chunk",
+    "seed": "e2e_qp.seed",
+    "device": "offload.device",
+}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FRUGAL_QAT_CACHE", Path.home() / ".cache" / "frugal_qat"))
 
@@ -85,11 +103,11 @@ def calibration_windows(model_dir: Path, cfg):
     return torch.cat([train, val])
 
 
-def _run_config(args):
+def _run_config(args, flags: dict[str, str] = RUN_FLAGS):
     from frugal_qat.config import load_recipe, resolve
 
     recipe = load_recipe(args.recipe) if args.recipe else None
-    return resolve(recipe, {RUN_FLAGS[k]: getattr(args, k) for k in RUN_FLAGS if hasattr(args, k)})
+    return resolve(recipe, {flags[k]: getattr(args, k) for k in flags if hasattr(args, k)})
 
 
 def cmd_block_ap(args) -> int:
@@ -137,6 +155,38 @@ def _print_summary(summary: dict, out: Path) -> None:
     if last:
         print(f"final block val MSE: {last[-1]:.4e}")
     print(f"run directory: {out}")
+
+
+def cmd_e2e_qp(args) -> int:
+    from frugal_qat.block_ap.run import pick_device
+    from frugal_qat.checkpoint.state import load_manifest
+    from frugal_qat.e2e_qp.run import alpaca_examples, run_e2e_qp
+
+    cfg = _run_config(args, E2E_FLAGS)
+    run = Path(args.run)
+    m = load_manifest(run)
+    if m.progress.stage != "done":
+        raise ConfigError(f"{run} is not finished ({m.progress.stage} at block {m.progress.block}); "
+                          f"finish it first: frugal-qat resume {run}")
+    e = cfg.e2e_qp
+    tok = load_tokenizer(run)
+    if e.format == "alpaca":
+        data = alpaca_examples(tok, e.data, e.source_len, e.target_len, e.train_size, e.seed)
+    else:
+        from frugal_qat.data.windows import load_token_stream, sample_windows
+
+        ids = sample_windows(load_token_stream(tok, e.data, cache_dir() / "tokens"), e.train_size, e.seqlen, e.seed)
+        data = (ids, ids)
+    out = Path(args.out) if args.out else run.with_name(run.name + "-e2e")
+    stop = StopFlag()
+    stop.install()
+    summary = run_e2e_qp(run, out, cfg, data, device=pick_device(cfg.offload.device), restart=args.restart,
+                         should_stop=stop)
+    losses = summary["losses"]
+    print(f"E2E-QP: {summary['steps']} steps in {summary['seconds']:.1f} s with {summary['optimizer']}; "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "E2E-QP: nothing to do")
+    print(f"run directory: {out}")
+    return 0
 
 
 def cmd_ppl(args) -> int:
@@ -236,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="resume an interrupted run from its directory")
     p.add_argument("run")
     p.set_defaults(fn=cmd_resume)
+
+    p = sub.add_parser("e2e-qp", help="E2E-QP: train the step sizes end to end over the packed weights")
+    p.add_argument("--run", required=True, help="a finished block-ap run directory")
+    p.add_argument("--out", help="output run directory (default: RUN-e2e); re-running resumes")
+    p.add_argument("--restart", action="store_true")
+    p.add_argument("--recipe", help="YAML recipe; its e2e_qp section applies")
+    p.add_argument("--data", help="text source (like --calib) or an Alpaca .json/.jsonl with --format alpaca")
+    p.add_argument("--format", choices=["pretrain", "alpaca"])
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--train-size", type=int, help="training sequences")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--optimizer", choices=["auto", "adamw8bit", "paged_adamw8bit", "adamw"])
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every K optimizer steps")
+    p.add_argument("--logits-chunk", type=int, help="tokens per lm_head/loss chunk")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_e2e_qp)
 
     p = sub.add_parser("ppl", help="perplexity of a checkpoint or run directory, streamed block by block")
     p.add_argument("--model", required=True)

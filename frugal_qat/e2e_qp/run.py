@@ -1,0 +1,292 @@
+"""E2E-QP: train only the quantization step sizes, end to end on the language-model loss, over packed weights.
+
+    open the Block-AP run -> assemble the model with PackedLinear layers (never dequantized as a whole)
+    -> token data (pretraining windows or Alpaca prompts) -> 8-bit AdamW on the scales
+    -> for each step: micro-batches through the checkpointed blocks, chunked lm_head + loss, clip, step,
+       checkpoint every K steps -> write the run directory with the new scales
+
+Paper (EfficientQAT §3.3): weights and zero points frozen, scales trained with AdamW (8-bit, paged on GPU),
+cosine schedule with 3 % warmup, gradient clipping 0.3, gradient checkpointing. On CPU we compute in fp32 and use
+bitsandbytes' 8-bit AdamW, which runs on CPU without paging (its CPU build says paged optimizers are CUDA-only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from frugal_qat.arch import LINEAR_NAMES
+from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, block_file, save_block
+from frugal_qat.checkpoint.state import (
+    Manifest,
+    Progress,
+    diff_settings,
+    load_manifest,
+    load_train_checkpoint,
+    save_manifest,
+    save_train_checkpoint,
+)
+from frugal_qat.checkpoint.store import atomic_write_json, kill_point, remove_partials
+from frugal_qat.config import RunConfig
+from frugal_qat.errors import ConfigError, Interrupted, ResumeMismatch, TrainingDiverged
+from frugal_qat.offload.blocks import ModelSource
+from frugal_qat.quantizer.packed import PackedLinear
+
+log = logging.getLogger(__name__)
+
+
+# ---- the model over packed weights --------------------------------------------------------------------------------
+
+
+def build_packed_model(run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelSource]:
+    """A transformers causal LM whose linears are PackedLinear (int32 codes; fp32 trainable scales), built on the
+    meta device and filled block by block from the run's files. Everything but the scales is frozen."""
+    src = ModelSource(run_dir)
+    if src.quant is None:
+        raise ConfigError(f"{run_dir} is not a quantized frugal-qat run; run `frugal-qat block-ap` first")
+    bits, group = src.quant["bits"], src.quant["group_size"]
+    with torch.device("meta"):
+        model = src.arch.causal_lm_cls(src.hf)
+    for i, layer in enumerate(model.model.layers):
+        raw = src.store.block_state(i, dtype=None)
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            packed = {k: raw[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            if f"{name}.bias" in raw:
+                packed["bias"] = raw[f"{name}.bias"].to(device, dtype)
+            new = PackedLinear.from_packed(packed, bits, group, lin.in_features, lin.out_features)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, new)
+        for key, t in raw.items():
+            if key.endswith("layernorm.weight"):
+                layer.get_submodule(key.rsplit(".", 1)[0]).weight = nn.Parameter(t.to(device, dtype), requires_grad=False)
+    model.model.embed_tokens.weight = nn.Parameter(src.embed_weight().to(device, dtype), requires_grad=False)
+    model.model.norm.weight = nn.Parameter(src.store.get("model.norm.weight").to(device, dtype), requires_grad=False)
+    if src.tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        model.lm_head.weight = nn.Parameter(src.lm_head_weight().to(device, dtype), requires_grad=False)
+    model.model.rotary_emb = src.rotary().to(device)  # its inv_freq buffer is computed, not loaded
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ConfigError(f"could not fill {leftover[:3]} from {run_dir}")
+    return model, src
+
+
+def named_scales(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if n.endswith(".scales")}
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def alpaca_examples(tokenizer, path: str, source_len: int, target_len: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alpaca-style JSON/JSONL (instruction, optional input, output) -> (input_ids, labels) [n, src+tgt];
+    labels are -100 on the prompt and the padding, so the loss is on the response only (paper's recipe)."""
+    import json
+
+    text = Path(path).read_text()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    if len(rows) < n:
+        raise ConfigError(f"{path} has {len(rows)} examples; --train-size {n} needs that many; lower --train-size")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    L = source_len + target_len
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((n, L), pad, dtype=torch.long)
+    labels = torch.full((n, L), -100, dtype=torch.long)
+    for r, j in enumerate(order):
+        row = rows[j]
+        if "instruction" not in row or "output" not in row:
+            raise ConfigError(f"{path}: example {j} lacks 'instruction' or 'output'")
+        prompt = f"### Instruction:\n{row['instruction']}\n\n"
+        if row.get("input"):
+            prompt += f"### Input:\n{row['input']}\n\n"
+        prompt += "### Response:\n"
+        src = tokenizer(prompt, add_special_tokens=False)["input_ids"][-source_len:]
+        tgt = (tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:target_len]
+        ids[r, : len(src) + len(tgt)] = torch.tensor(src + tgt)
+        labels[r, len(src) : len(src) + len(tgt)] = torch.tensor(tgt)
+    return ids, labels
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------------
+
+
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy((h @ weight.T).float(), y, ignore_index=-100, reduction="sum")
+
+
+def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy and the token count. The lm_head runs over ``chunk`` tokens at a time
+    under activation checkpointing, so [tokens, vocab] logits exist for one chunk only, forward and backward."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, h[a : a + chunk], model.lm_head.weight, y[a : a + chunk], use_reentrant=False)
+    return total, int((y != -100).sum())
+
+
+def warmup_cosine(step: int, total: int, lr: float, warmup_ratio: float) -> float:
+    """Linear warmup over ``warmup_ratio`` of the steps, then cosine to 0 (the HF schedule the paper used)."""
+    warm = math.ceil(total * warmup_ratio)
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    if kind == "auto":
+        kind = "paged_adamw8bit" if device.type == "cuda" else "adamw8bit"
+    if kind == "paged_adamw8bit" and device.type != "cuda":
+        log.warning("paged 8-bit AdamW needs CUDA; using bitsandbytes' (non-paged) 8-bit AdamW on %s", device)
+        kind = "adamw8bit"
+    # min_8bit_size: bitsandbytes keeps tensors under 4096 elements in fp32; a scale tensor of a small layer
+    # (e.g. [9, 576]) is under it, and 8-bit state is what we want for every scale.
+    if kind == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=256)
+    if kind == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=256)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+
+def run_e2e_qp(
+    run_dir: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    device: torch.device,
+    restart: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    show_progress: bool = True,
+) -> dict:
+    """Train the scales of the Block-AP run ``run_dir`` on ``data`` = (input_ids, labels) [N, L]; write ``out``."""
+    t_start = time.time()
+    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    e = cfg.e2e_qp
+    if out == run_dir:
+        raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
+    model, src = build_packed_model(run_dir, device)
+    ids, labels = data
+    source = {"path": str(run_dir), "fingerprint": src.store.fingerprint()}
+
+    # Open or resume the output run (the same checks as Block-AP: other settings or data are refused).
+    from frugal_qat.data.windows import fingerprint_windows
+
+    data_fp = {"windows_sha256": fingerprint_windows(torch.cat([ids, labels]))}
+    if (out / "manifest.json").is_file() and restart:
+        shutil.rmtree(out)
+    if (out / "manifest.json").is_file():
+        m = load_manifest(out)
+        diffs = diff_settings({"e2e_qp": m.config.get("e2e_qp")}, {"e2e_qp": cfg.to_dict()["e2e_qp"]})
+        if m.model["fingerprint"] != source["fingerprint"]:
+            diffs.append(f"input run: was {m.model['path']}, whose files differ")
+        if m.data != data_fp:
+            diffs.append("data: the training sequences differ")
+        if diffs:
+            raise ResumeMismatch(f"{out} holds a different E2E-QP run ({'; '.join(diffs)}); use another --out or --restart")
+        remove_partials(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        m = Manifest(command="e2e-qp", config=cfg.to_dict(), model=source, data=data_fp,
+                     progress=Progress(block=0, stage="train"), extra={"losses": []})
+        save_manifest(out, m)
+
+    scales = named_scales(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in scales.values():
+        p.requires_grad_(True)
+    optimizer = make_optimizer(list(scales.values()), e.optimizer, e.resolved_lr(src.quant["bits"]), device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    per_step = e.batch_size * e.grad_accum
+    steps_per_epoch = e.train_size // per_step
+    total = steps_per_epoch * e.epochs
+    lr = e.resolved_lr(src.quant["bits"])
+    ckpt = out / "e2e_checkpoint.safetensors"
+    step = 0
+    if ckpt.is_file():
+        step, _, trained = load_train_checkpoint(ckpt, optimizer)
+        with torch.no_grad():
+            for k, v in trained.items():
+                scales[k].copy_(v)
+        log.info("resuming E2E-QP at step %d of %d", step, total)
+
+    def order(epoch: int) -> torch.Tensor:  # a pure function of (seed, epoch): the data position is just the step
+        return torch.randperm(e.train_size, generator=torch.Generator().manual_seed(e.seed * 1000 + epoch))
+
+    bar = tqdm(total=total, initial=step, desc="e2e-qp", unit="step", disable=not show_progress)
+    t_train, tokens_seen = time.time(), 0
+    while step < total and m.progress.stage == "train":
+        epoch, k = divmod(step, steps_per_epoch)
+        rows = order(epoch)[k * per_step : (k + 1) * per_step]
+        for g in optimizer.param_groups:
+            g["lr"] = warmup_cosine(step, total, lr, e.warmup_ratio)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in rows.split(e.batch_size):
+            x, y = ids[micro].to(device), labels[micro].to(device)
+            loss_sum, count = chunked_lm_loss(model, x, y, e.logits_chunk)
+            loss = loss_sum / max(count, 1) / e.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"E2E-QP step {step}: loss is {loss.item()}; lower --lr")
+            loss.backward()
+            step_loss += loss.item()
+            tokens_seen += count
+        torch.nn.utils.clip_grad_norm_(list(scales.values()), e.max_grad_norm)
+        optimizer.step()
+        with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
+            for p in scales.values():
+                p.clamp_(min=1e-4)
+        step += 1
+        m.extra["losses"].append(round(step_loss, 6))
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_train, 1e-9):.0f}")
+        if step % e.ckpt_every_steps == 0 or step == total or should_stop():
+            kill_point("e2e_checkpoint")
+            save_train_checkpoint(ckpt, {k: v for k, v in scales.items()}, optimizer, step)
+            m.progress = Progress(block=step, stage="train" if step < total else "finalize")
+            save_manifest(out, m)
+            if should_stop() and step < total:
+                raise Interrupted(f"stopped at E2E-QP step {step}; run the same command again to resume")
+    bar.close()
+
+    # Write the new run: the input's files, with every block's scales replaced.
+    if m.progress.stage == "finalize":
+        for i, layer in enumerate(model.model.layers):
+            tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
+            for name in LINEAR_NAMES:
+                tensors[f"{name}.scales"] = layer.get_submodule(name).scales.detach().to("cpu", torch.float16)
+            save_block(out, i, tensors)
+        for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, out / name)
+        m.progress.stage = "done"
+        save_manifest(out, m)
+        ckpt.unlink(missing_ok=True)
+    summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"], "seconds": round(time.time() - t_start, 3),
+               "optimizer": type(optimizer).__name__, "device": str(device),
+               "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers))}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
