@@ -155,11 +155,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, device: tor
         log.warning("paged 8-bit AdamW needs CUDA; using bitsandbytes' (non-paged) 8-bit AdamW on %s", device)
         kind = "adamw8bit"
     # min_8bit_size: bitsandbytes keeps tensors under 4096 elements in fp32; a scale tensor of a small layer
-    # (e.g. [9, 576]) is under it, and 8-bit state is what we want for every scale.
+    # (e.g. [2, 64]) is under it, and 8-bit state is what we want for every scale.
     if kind == "adamw8bit":
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=256)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=1)
     if kind == "paged_adamw8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=256)
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.0, min_8bit_size=1)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -217,7 +217,7 @@ def run_e2e_qp(
     for p in scales.values():
         p.requires_grad_(True)
     optimizer = make_optimizer(list(scales.values()), e.optimizer, e.resolved_lr(src.quant["bits"]), device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # per block
     model.train()
 
     per_step = e.batch_size * e.grad_accum
