@@ -217,7 +217,7 @@ def run_e2e_qp(
     for p in scales.values():
         p.requires_grad_(True)
     optimizer = make_optimizer(list(scales.values()), e.optimizer, e.resolved_lr(src.quant["bits"]), device)
-    model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # per block
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # per block
     model.train()
 
     per_step = e.batch_size * e.grad_accum
