@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# Triton kernels are tested through its interpreter on CPU tensors; it must be chosen before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "

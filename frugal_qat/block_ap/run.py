@@ -57,6 +57,16 @@ from frugal_qat.checkpoint.store import (
     remove_partials,
 )
 from frugal_qat.config import RunConfig
+from frugal_qat.distributed import (
+    agreed,
+    barrier,
+    check_launch,
+    local_device,
+    on_rank0,
+    rank_world,
+    shard_rows,
+    sum_floats,
+)
 from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch
 from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
 from frugal_qat.offload.blocks import ModelSource
@@ -169,6 +179,20 @@ def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor,
     return m
 
 
+class RowSlice:
+    """Rows [lo, hi) of a stream seen as a stream of their own: one rank's share of an in-place update."""
+
+    def __init__(self, stream: Stream, lo: int, hi: int):
+        self.stream, self.lo = stream, lo
+        self.shape = (hi - lo, *stream.shape[1:])
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.stream.read(self.lo + start, self.lo + stop)
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        self.stream.write(self.lo + start, x)
+
+
 def _rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -192,7 +216,13 @@ def run_block_ap(
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
 ) -> dict:
-    """Quantize ``model_dir`` into the run directory ``out``. ``windows`` [train+val, L]: calibration token ids."""
+    """Quantize ``model_dir`` into the run directory ``out``. ``windows`` [train+val, L]: calibration token ids.
+
+    Data parallel when the process group has N > 1 ranks (:func:`frugal_qat.distributed.init_from_env`): each
+    rank trains on its share of every step's micro-batches (r, r+N, ...; it reads only those rows of the
+    streams) and the gradients are summed across ranks, so every rank takes the single-process run's step; the
+    stream updates are split by whole chunks; rank 0 alone writes the run directory.
+    """
     from frugal_qat.data.windows import fingerprint_windows
 
     t_start = time.time()
@@ -205,7 +235,13 @@ def run_block_ap(
     check_layers(src, cfg)
     if tuple(windows.shape) != (d.train_size + d.val_size, d.seqlen):
         raise ConfigError(f"calibration windows have shape {tuple(windows.shape)}, expected {(d.train_size + d.val_size, d.seqlen)}")
-    device = pick_device(cfg.offload.device)
+    check_launch()
+    rank, world = rank_world()
+    if b.grad_accum % world:
+        raise ConfigError(f"block_ap.grad_accum={b.grad_accum} is not a multiple of the {world} processes; each "
+                          f"process takes grad_accum/world micro-batches per step: use a multiple of {world}")
+    device = local_device(pick_device(cfg.offload.device))
+    should_stop = agreed(should_stop)
     n_all, H, L = d.train_size + d.val_size, src.hidden, d.seqlen
     stream_shape = (n_all, L, H)
     chunk = chunk_samples(stream_shape, cfg.offload.chunk_mb)
@@ -214,25 +250,42 @@ def run_block_ap(
     check_plan(src, cfg, device, work, out)
 
     # 2. Open or resume the run.
-    m = open_run(out, cfg, src, windows, fingerprint_windows(windows), restart)
+    m = on_rank0(lambda: open_run(out, cfg, src, windows, fingerprint_windows(windows), restart))
+    if m.progress.stage in ("fp_update", "q_update") and m.extra.get("world_size", 1) != world:
+        raise ResumeMismatch(f"{out} stopped during a stream update on {m.extra.get('world_size', 1)} processes, "
+                             f"whose journals only that split can replay; resume it on that many, not {world}")
+    if world > 1:
+        m.extra["world_size"] = world
     new_streams = m.progress.stage == "embed"
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
 
+    def commit() -> None:
+        """Record ``m`` once every rank has finished the stage it closes; no rank starts the next one before."""
+        barrier()
+        on_rank0(lambda: save_manifest(out, m))
+
     # 3. The two activation streams: rows [0, train) train, rows [train, train+val) validate.
-    fp = Stream(work / "fp_stream.bin", stream_shape, create=new_streams)
-    qs = Stream(work / "quant_stream.bin", stream_shape, create=new_streams)
-    journal = work / "stream_journal.safetensors"
+    paths = (work / "fp_stream.bin", work / "quant_stream.bin")
+    if new_streams:
+        on_rank0(lambda: [Stream(path, stream_shape, create=True).close() for path in paths])
+    fp, qs = (Stream(path, stream_shape) for path in paths)
+    # Each rank updates its own whole chunks of a stream, crash-safe through its own journal.
+    rows = shard_rows(n_all, chunk, rank, world)
+    journal = work / ("stream_journal.safetensors" if world == 1 else f"stream_journal.rank{rank}.safetensors")
+    fp_mine, qs_mine = (fp, qs) if world == 1 else (RowSlice(fp, *rows), RowSlice(qs, *rows))
     wait = WaitClock()
 
     if m.progress.stage == "embed":
-        emb = src.embed_weight()
-        for s in range(0, n_all, chunk):
-            x = emb[windows[s : s + chunk].long()].half()
-            fp.write(s, x)
-            qs.write(s, x)
-        del emb
+        def embed() -> None:
+            emb = src.embed_weight()
+            for s in range(0, n_all, chunk):
+                x = emb[windows[s : s + chunk].long()].half()
+                fp.write(s, x)
+                qs.write(s, x)
+
+        on_rank0(embed)
         m.progress = Progress(block=0, stage="fp_update")
-        save_manifest(out, m)
+        commit()
 
     # 4. Block by block. Block i+1's tensors are read from the shards while block i trains.
     rot = src.rotary().to(device)
@@ -259,10 +312,10 @@ def run_block_ap(
 
         # 4a. Targets: the full-precision block applied to the fp stream, in place.
         if m.progress.stage == "fp_update":
-            update_in_place(fp, lambda x: run(block, x), chunk, journal, tag=f"block{i}-fp", clock=wait)
+            update_in_place(fp_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-fp", clock=wait)
             kill_point("after_fp_update")
             m.progress.stage = "train"
-            save_manifest(out, m)
+            commit()
 
         # 4b. Train the fake-quantized block (or restore it from its in-block checkpoint).
         linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}")
@@ -280,8 +333,8 @@ def run_block_ap(
             """Per step, its micro-batches of (quant-stream input, fp-stream target), read ahead in order."""
             def load(j: int):
                 a, z = lo + j * b.batch_size, min(hi, lo + (j + 1) * b.batch_size)
-                x, y = qs.read(a, z), fp.read(a, z)
-                return [(to_device(xm), to_device(ym)) for xm, ym in zip(x.split(b.micro_batch), y.split(b.micro_batch))]
+                mine = [(s, min(z, s + b.micro_batch)) for s in range(a, z, b.micro_batch)][rank::world]
+                return [(to_device(qs.read(s, t)), to_device(fp.read(s, t))) for s, t in mine]
 
             steps = -(-(hi - lo) // b.batch_size)
             for _, micro in prefetch(load, range(first_step, steps), depth=2, clock=wait):
@@ -297,10 +350,11 @@ def run_block_ap(
                         out_ = block_forward(block, x, position_embeddings(rot, x))
                         total += torch.nn.functional.mse_loss(out_.float(), y, reduction="sum").item()
                         n += y.numel()
+            total, n = sum_floats(total, n)
             return total / n
 
-        def checkpoint(step: int) -> None:
-            save_train_checkpoint(ckpt, block.state_dict(), optimizer, step, metrics=asdict(result))
+        def checkpoint(step: int) -> None:  # every rank holds the same state: rank 0 writes it
+            on_rank0(lambda: save_train_checkpoint(ckpt, block.state_dict(), optimizer, step, metrics=asdict(result)))
 
         if m.progress.stage == "train":
             if start_step == 0:
@@ -327,39 +381,43 @@ def run_block_ap(
             if should_stop():
                 raise Interrupted(f"stopped during block {i} at a checkpoint; resume with: frugal-qat resume {out}")
             m.progress.stage = "q_update"
-            save_manifest(out, m)
+            commit()
 
         # 4c. Freeze to exactly what is saved, and move the quant stream through the quantized block.
         freeze_block(block)
         if m.progress.stage == "q_update":
-            update_in_place(qs, lambda x: run(block, x), chunk, journal, tag=f"block{i}-quant", clock=wait)
+            update_in_place(qs_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-quant", clock=wait)
             kill_point("after_q_update")
             m.progress.stage = "save"
-            save_manifest(out, m)
+            commit()
 
         # 4d. Pack and save, then commit the block: from here on a resume starts at block i+1.
-        packed = {}
-        for name, lin in linears.items():
-            packed.update({f"{name}.{k}": v for k, v in lin.pack().items()})
-        for name, p in block.named_parameters():
-            if not any(name.startswith(ln + ".") for ln in linears):
-                packed[name] = p.detach().half()
-        kill_point("save_block")
-        save_block(out, i, packed)
-        blocks_meta = [x for x in m.extra.get("blocks", []) if x["block"] != i]
-        blocks_meta.append({
-            "block": i,
-            "val_mse": result.val_mse,
-            "train_loss": result.train_loss,
-            "seconds": round(time.time() - t_block, 3),
-            "rss_bytes": _rss(),
-            "peak_rss_bytes": peak_rss(),
-        })
-        m.extra["blocks"] = blocks_meta
-        m.progress = Progress(block=i + 1, stage="fp_update" if i + 1 < src.n_layers else "finalize")
-        save_manifest(out, m)
-        ckpt.unlink(missing_ok=True)
-        del block, linears, optimizer, packed
+        def save() -> Manifest:
+            packed = {}
+            for name, lin in linears.items():
+                packed.update({f"{name}.{k}": v for k, v in lin.pack().items()})
+            for name, p in block.named_parameters():
+                if not any(name.startswith(ln + ".") for ln in linears):
+                    packed[name] = p.detach().half()
+            kill_point("save_block")
+            save_block(out, i, packed)
+            blocks_meta = [x for x in m.extra.get("blocks", []) if x["block"] != i]
+            blocks_meta.append({
+                "block": i,
+                "val_mse": result.val_mse,
+                "train_loss": result.train_loss,
+                "seconds": round(time.time() - t_block, 3),
+                "rss_bytes": _rss(),
+                "peak_rss_bytes": peak_rss(),
+            })
+            m.extra["blocks"] = blocks_meta
+            m.progress = Progress(block=i + 1, stage="fp_update" if i + 1 < src.n_layers else "finalize")
+            save_manifest(out, m)
+            ckpt.unlink(missing_ok=True)
+            return m
+
+        m = on_rank0(save)
+        del block, linears, optimizer
         outer.set_postfix(val_mse=f"{result.val_mse[-1]:.3e}" if result.val_mse else "-", rss=f"{_rss() / 2**30:.2f}G")
         outer.update(1)
         if should_stop():
@@ -367,35 +425,43 @@ def run_block_ap(
     outer.close()
 
     # 5. Everything but the blocks, then the summary.
-    if m.progress.stage == "finalize":
-        extra = extra_tensors(src.store.get, src.store.has, src.tied)
-        write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size)
-        m.progress.stage = "done"
-        save_manifest(out, m)
-        fp.close()
-        qs.close()
-        shutil.rmtree(work / "ckpt", ignore_errors=True)
-        journal.unlink(missing_ok=True)
-        if not keep_work:  # the streams are only needed to resume, and a finished run does not resume
-            fp.path.unlink(missing_ok=True)
-            qs.path.unlink(missing_ok=True)
-            if not any(work.iterdir()):
-                work.rmdir()
-    summary = {
-        "command": "block-ap",
-        "wbits": q.wbits,
-        "group_size": q.group_size,
-        "blocks": m.extra.get("blocks", []),
-        "seconds": round(time.time() - t_start, 3),
-        "io_wait_seconds": round(wait.waited, 3),
-        "peak_rss_bytes": max([x.get("peak_rss_bytes", 0) for x in m.extra.get("blocks", [])] + [peak_rss()]),
-        "output_bytes": sum(f.stat().st_size for f in out.glob("**/*.safetensors") if "work" not in f.parts
-                            and f.name != "calib.safetensors"),
-        "device": str(device),
-    }
-    with open(out / "metrics.jsonl", "w") as f:
-        for row in summary["blocks"]:
-            f.write(json.dumps(row) + "\n")
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    fp.close()
+    qs.close()
+    barrier()  # every rank has let go of the streams before rank 0 deletes them
+
+    def finish() -> dict:
+        if m.progress.stage == "finalize":
+            extra = extra_tensors(src.store.get, src.store.has, src.tied)
+            write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size)
+            m.progress.stage = "done"
+            save_manifest(out, m)
+            shutil.rmtree(work / "ckpt", ignore_errors=True)
+            for j in work.glob("stream_journal*.safetensors"):
+                j.unlink()
+            if not keep_work:  # the streams are only needed to resume, and a finished run does not resume
+                fp.path.unlink(missing_ok=True)
+                qs.path.unlink(missing_ok=True)
+                if not any(work.iterdir()):
+                    work.rmdir()
+        summary = {
+            "command": "block-ap",
+            "wbits": q.wbits,
+            "group_size": q.group_size,
+            "blocks": m.extra.get("blocks", []),
+            "seconds": round(time.time() - t_start, 3),
+            "io_wait_seconds": round(wait.waited, 3),
+            "peak_rss_bytes": max([x.get("peak_rss_bytes", 0) for x in m.extra.get("blocks", [])] + [peak_rss()]),
+            "output_bytes": sum(f.stat().st_size for f in out.glob("**/*.safetensors") if "work" not in f.parts
+                                and f.name != "calib.safetensors"),
+            "device": str(device),
+        }
+        if world > 1:
+            summary["world_size"] = world
+        with open(out / "metrics.jsonl", "w") as f:
+            for row in summary["blocks"]:
+                f.write(json.dumps(row) + "\n")
+        atomic_write_json(out / "summary.json", summary)
+        return summary
+
+    return on_rank0(finish)
 

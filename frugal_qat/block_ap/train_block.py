@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from frugal_qat.distributed import all_reduce_sum_, rank_world, sum_floats
 from frugal_qat.errors import TrainingDiverged
 from frugal_qat.quantizer import QuantLinear
 
@@ -100,12 +101,14 @@ def train_block(
     """The training loop of one block, resumable at ``start_step``.
 
     ``batches(first_step)`` yields, for each step from that step of the epoch on, the list of its (input, target)
-    micro-batches; ``checkpoint(step)``
+    micro-batches (data parallel: this rank's share of them; the gradients are summed across ranks before the
+    step, so every rank takes the same step); ``checkpoint(step)``
     persists the state after ``step`` optimizer steps (called at every epoch end and every ``ckpt_every`` steps).
     """
     total = epochs * steps_per_epoch
     res = result or TrainResult()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    world = rank_world()[1]
     step = start_step
     block.train()
     while step < total:
@@ -119,14 +122,18 @@ def train_block(
             for x, y in micro:  # gradient accumulation: the mean over micro-batches equals the full batch's loss
                 with autocast(device):
                     out = forward(block, x)
-                loss = torch.nn.functional.mse_loss(out.float(), y.float()) / len(micro)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"block {block_idx}, step {step}: loss is {loss.item()}; lower --weight-lr/--quant-lr "
-                        "or check the source weights (a bf16 model run in fp16 overflows)"
-                    )
+                # Data parallel: each of the N ranks holds len(micro) of the step's len(micro) * N micro-batches.
+                loss = torch.nn.functional.mse_loss(out.float(), y.float()) / (len(micro) * world)
                 loss.backward()
                 step_loss += loss.item()
+            if world > 1:  # the sum over ranks of the 1/(len(micro) * N)-scaled gradients: the full batch's
+                all_reduce_sum_([p.grad for p in params if p.grad is not None])
+                (step_loss,) = sum_floats(step_loss)
+            if not math.isfinite(step_loss):  # before any optimizer step, on every rank alike
+                raise TrainingDiverged(
+                    f"block {block_idx}, step {step}: loss is {step_loss}; lower --weight-lr/--quant-lr "
+                    "or check the source weights (a bf16 model run in fp16 overflows)"
+                )
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()

@@ -37,7 +37,18 @@ from frugal_qat.checkpoint.state import (
 )
 from frugal_qat.checkpoint.store import atomic_write_json, kill_point, remove_partials
 from frugal_qat.config import RunConfig
-from frugal_qat.errors import ConfigError, Interrupted, ResumeMismatch, TrainingDiverged
+from frugal_qat.distributed import (
+    DS_CONFIG_FILE,
+    agreed,
+    barrier,
+    check_launch,
+    init_from_env,
+    local_device,
+    on_rank0,
+    resolve_ds_config,
+    sum_floats,
+)
+from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.quantizer.packed import PackedLinear
 
@@ -163,6 +174,54 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, device: tor
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+# ---- data parallel on DeepSpeed ------------------------------------------------------------------------------------
+
+
+class ScalesLoss(nn.Module):
+    """What DeepSpeed's engine wraps: the packed model's LM loss (sum, token count), whose only trainable
+    parameters are the scales. Its state dict holds only the scales: the packed weights and every frozen tensor
+    are the input run's files, so an engine checkpoint is the scales and their optimizer state, not the model."""
+
+    def __init__(self, model: nn.Module, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return chunked_lm_loss(self.model, input_ids, labels, self.chunk)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {f"model.{n}": p.detach() for n, p in named_scales(self.model).items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        scales = named_scales(self.model)
+        missing = [n for n in scales if f"model.{n}" not in state]
+        if missing and strict:
+            raise ResumeMismatch(f"the DeepSpeed checkpoint lacks {missing[:3]}: it is another model's")
+        for n, p in scales.items():
+            if f"model.{n}" in state:
+                p.copy_(state[f"model.{n}"])
+        return nn.modules.module._IncompatibleKeys(missing, [])
+
+
+def fp32_masters(optimizer) -> list[torch.Tensor]:
+    """The fp32 master partitions a DeepSpeed optimizer wrapper keeps next to the model's parameters (ZeRO 1/2:
+    ``single_partition_of_fp32_groups``; bf16 without ZeRO: ``fp32_groups_flat_partition``); none for a plain
+    optimizer, which updates the parameters themselves."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optimizer, attr):
+            return list(getattr(optimizer, attr))
+    return []
+
+
+def full_fp32(p: nn.Parameter) -> torch.Tensor:
+    """A trained scale at full precision: the fp32 master under DeepSpeed (a collective), else the parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(p)
+    return p.detach() if full is None else full
+
+
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -176,11 +235,26 @@ def run_e2e_qp(
     restart: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
+    ds_config: str | Path | dict | bool | None = None,
 ) -> dict:
-    """Train the scales of the Block-AP run ``run_dir`` on ``data`` = (input_ids, labels) [N, L]; write ``out``."""
+    """Train the scales of the Block-AP run ``run_dir`` on ``data`` = (input_ids, labels) [N, L]; write ``out``.
+
+    ``ds_config`` (not None): train data parallel on DeepSpeed, on the processes a launcher started (or on
+    this one): True for the config made from ``cfg`` (:func:`frugal_qat.distributed.default_ds_config`), a JSON
+    file or dict to merge over it. Each rank computes micro-batches r, r+N, ... of every step, so the global
+    batch is the single-process one; rank 0 alone writes ``out``; the resolved config is in
+    ``out/deepspeed_config.json``.
+    """
     t_start = time.time()
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     e = cfg.e2e_qp
+    check_launch()
+    rank, world = init_from_env(required=True) if ds_config is not None else (0, 1)
+    device = local_device(device)
+    should_stop = agreed(should_stop)
+    ds_cfg = None
+    if ds_config is not None:
+        ds_cfg = resolve_ds_config(None if ds_config is True else ds_config, cfg, world, device.type)
     if out == run_dir:
         raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
@@ -188,28 +262,41 @@ def run_e2e_qp(
     model, src = build_packed_model(run_dir, device)
     ids, labels = data
     source = {"path": str(run_dir), "fingerprint": src.store.fingerprint()}
+    ckpt = out / "e2e_checkpoint.safetensors"  # single process: scales + optimizer state, one file
+    ds_dir = out / "ds_checkpoint"  # DeepSpeed: one engine checkpoint per tag, the manifest names the valid one
+    ds_run = None if ds_cfg is None else {"world_size": world, "zero_stage": ds_cfg["zero_optimization"].get("stage", 0)}
 
     # Open or resume the output run (the same checks as Block-AP: other settings or data are refused).
     from frugal_qat.data.windows import fingerprint_windows
 
     data_fp = {"windows_sha256": fingerprint_windows(torch.cat([ids, labels]))}
-    if (out / "manifest.json").is_file() and restart:
-        shutil.rmtree(out)
-    if (out / "manifest.json").is_file():
-        m = load_manifest(out)
-        diffs = diff_settings({"e2e_qp": m.config.get("e2e_qp")}, {"e2e_qp": cfg.to_dict()["e2e_qp"]})
-        if m.model["fingerprint"] != source["fingerprint"]:
-            diffs.append(f"input run: was {m.model['path']}, whose files differ")
-        if m.data != data_fp:
-            diffs.append("data: the training sequences differ")
-        if diffs:
-            raise ResumeMismatch(f"{out} holds a different E2E-QP run ({'; '.join(diffs)}); use another --out or --restart")
-        remove_partials(out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        m = Manifest(command="e2e-qp", config=cfg.to_dict(), model=source, data=data_fp,
-                     progress=Progress(block=0, stage="train"), extra={"losses": []})
-        save_manifest(out, m)
+
+    def open_out() -> Manifest:
+        if (out / "manifest.json").is_file() and restart:
+            shutil.rmtree(out)
+        if (out / "manifest.json").is_file():
+            m = load_manifest(out)
+            diffs = diff_settings({"e2e_qp": m.config.get("e2e_qp")}, {"e2e_qp": cfg.to_dict()["e2e_qp"]})
+            if m.model["fingerprint"] != source["fingerprint"]:
+                diffs.append(f"input run: was {m.model['path']}, whose files differ")
+            if m.data != data_fp:
+                diffs.append("data: the training sequences differ")
+            if (m.extra.get("deepspeed_tag") or ckpt.is_file()) and m.extra.get("deepspeed") != ds_run:
+                diffs.append(f"data parallel: checkpointed with DeepSpeed {m.extra.get('deepspeed')}, now {ds_run}")
+            if diffs:
+                raise ResumeMismatch(f"{out} holds a different E2E-QP run ({'; '.join(diffs)}); use another --out or --restart")
+            remove_partials(out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            m = Manifest(command="e2e-qp", config=cfg.to_dict(), model=source, data=data_fp,
+                         progress=Progress(block=0, stage="train"), extra={"losses": []})
+            save_manifest(out, m)
+        if ds_cfg is not None:
+            m.extra["deepspeed"] = ds_run
+            atomic_write_json(out / DS_CONFIG_FILE, ds_cfg)
+        return m
+
+    m = on_rank0(open_out)
 
     scales = named_scales(model)
     for p in model.parameters():
@@ -219,14 +306,26 @@ def run_e2e_qp(
     optimizer = make_optimizer(list(scales.values()), e.optimizer, e.resolved_lr(src.quant["bits"]), device)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # per block
     model.train()
+    engine = None
+    if ds_cfg is not None:
+        import deepspeed
+
+        # The optimizer stays ours: DeepSpeed partitions its state and steps it; lr is still set on its groups.
+        engine, *_ = deepspeed.initialize(model=ScalesLoss(model, e.logits_chunk), optimizer=optimizer, config=ds_cfg)
 
     per_step = e.batch_size * e.grad_accum
     steps_per_epoch = e.train_size // per_step
     total = steps_per_epoch * e.epochs
     lr = e.resolved_lr(src.quant["bits"])
-    ckpt = out / "e2e_checkpoint.safetensors"
     step = 0
-    if ckpt.is_file():
+    tag = m.extra.get("deepspeed_tag")
+    if engine is not None and tag:
+        path, client = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise CorruptCheckpoint(f"DeepSpeed checkpoint {ds_dir / tag} is missing; start over with --restart")
+        step = client["step"]
+        log.info("resuming E2E-QP at step %d of %d (DeepSpeed tag %s)", step, total, tag)
+    elif ckpt.is_file():
         step, _, trained = load_train_checkpoint(ckpt, optimizer)
         with torch.no_grad():
             for k, v in trained.items():
@@ -236,57 +335,100 @@ def run_e2e_qp(
     def order(epoch: int) -> torch.Tensor:  # a pure function of (seed, epoch): the data position is just the step
         return torch.randperm(e.train_size, generator=torch.Generator().manual_seed(e.seed * 1000 + epoch))
 
-    bar = tqdm(total=total, initial=step, desc="e2e-qp", unit="step", disable=not show_progress)
+    def diverged(loss: float) -> TrainingDiverged:
+        return TrainingDiverged(f"E2E-QP step {step}: loss is {loss}; lower --lr")
+
+    bar = tqdm(total=total, initial=step, desc="e2e-qp", unit="step", disable=not show_progress or rank != 0)
     t_train, tokens_seen = time.time(), 0
     while step < total and m.progress.stage == "train":
         epoch, k = divmod(step, steps_per_epoch)
         rows = order(epoch)[k * per_step : (k + 1) * per_step]
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, total, lr, e.warmup_ratio)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in rows.split(e.batch_size):
+        if engine is None:
+            optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = 0.0, 0
+        mine = rows.split(e.batch_size)[rank::world]  # this rank's micro-batches: r, r+N, ...
+        for j, micro in enumerate(mine):
             x, y = ids[micro].to(device), labels[micro].to(device)
-            loss_sum, count = chunked_lm_loss(model, x, y, e.logits_chunk)
-            loss = loss_sum / max(count, 1) / e.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"E2E-QP step {step}: loss is {loss.item()}; lower --lr")
-            loss.backward()
+            if engine is None:
+                loss_sum, count = chunked_lm_loss(model, x, y, e.logits_chunk)
+                loss = loss_sum / max(count, 1) / e.grad_accum
+                if not torch.isfinite(loss):
+                    raise diverged(loss.item())
+                loss.backward()
+            else:
+                loss_sum, count = engine(x, y)
+                # DeepSpeed divides by its accumulation steps (grad_accum / N) and averages over the N ranks:
+                # the same 1/grad_accum per micro-batch as the single process.
+                engine.backward(loss_sum / max(count, 1))
+                loss = loss_sum.detach() / max(count, 1) / e.grad_accum
+                if j < len(mine) - 1:
+                    engine.step()  # a micro-step: counts toward DeepSpeed's accumulation boundary, updates nothing
             step_loss += loss.item()
-            tokens_seen += count
-        torch.nn.utils.clip_grad_norm_(list(scales.values()), e.max_grad_norm)
-        optimizer.step()
+            step_tokens += count
+        if engine is None:
+            torch.nn.utils.clip_grad_norm_(list(scales.values()), e.max_grad_norm)
+            optimizer.step()
+        else:
+            step_loss, step_tokens = sum_floats(step_loss, step_tokens)
+            if not math.isfinite(step_loss):  # checked on the summed loss, so every rank stops alike
+                raise diverged(step_loss)
+            engine.step()  # the boundary: gradients reduced across ranks, clipped, optimizer step
         with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
-            for p in scales.values():
+            for p in [*scales.values(), *(fp32_masters(engine.optimizer) if engine is not None else [])]:
                 p.clamp_(min=1e-4)
         step += 1
+        tokens_seen += step_tokens
         m.extra["losses"].append(round(step_loss, 6))
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(time.time() - t_train, 1e-9):.0f}")
         if step % e.ckpt_every_steps == 0 or step == total or should_stop():
             kill_point("e2e_checkpoint")
-            save_train_checkpoint(ckpt, {k: v for k, v in scales.items()}, optimizer, step)
+            if engine is None:
+                save_train_checkpoint(ckpt, {k: v for k, v in scales.items()}, optimizer, step)
+            else:
+                # Every rank writes its partition under a new tag; the manifest names the tag only once all are
+                # written, so a kill mid-save leaves the previous tag the valid one.
+                m.extra["deepspeed_tag"] = f"step{step}"
+                engine.save_checkpoint(str(ds_dir), tag=m.extra["deepspeed_tag"], client_state={"step": step},
+                                       save_latest=False)
+                barrier()
             m.progress = Progress(block=step, stage="train" if step < total else "finalize")
-            save_manifest(out, m)
+            if rank == 0:
+                save_manifest(out, m)
+                for old in ds_dir.iterdir() if engine is not None else ():
+                    if old.name != m.extra["deepspeed_tag"]:
+                        shutil.rmtree(old, ignore_errors=True)
             if should_stop() and step < total:
                 raise Interrupted(f"stopped at E2E-QP step {step}; run the same command again to resume")
     bar.close()
 
     # Write the new run: the input's files, with every block's scales replaced.
+    final = {}
     if m.progress.stage == "finalize":
-        for i, layer in enumerate(model.model.layers):
-            tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
-            for name in LINEAR_NAMES:
-                tensors[f"{name}.scales"] = layer.get_submodule(name).scales.detach().to("cpu", torch.float16)
-            save_block(out, i, tensors)
-        for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
-            if (run_dir / name).is_file():
-                shutil.copyfile(run_dir / name, out / name)
-        m.progress.stage = "done"
-        save_manifest(out, m)
-        ckpt.unlink(missing_ok=True)
-    summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"], "seconds": round(time.time() - t_start, 3),
-               "optimizer": type(optimizer).__name__, "device": str(device),
-               "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers))}
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+        final = {n: (p.detach() if engine is None else full_fp32(p)) for n, p in scales.items()}
+
+    def finish() -> dict:
+        if m.progress.stage == "finalize":
+            for i in range(src.n_layers):
+                tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
+                for name in LINEAR_NAMES:
+                    tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
+                save_block(out, i, tensors)
+            for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
+                if (run_dir / name).is_file():
+                    shutil.copyfile(run_dir / name, out / name)
+            m.progress.stage = "done"
+            save_manifest(out, m)
+            ckpt.unlink(missing_ok=True)
+            shutil.rmtree(ds_dir, ignore_errors=True)
+        summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"],
+                   "seconds": round(time.time() - t_start, 3), "optimizer": type(optimizer).__name__,
+                   "device": str(device), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers))}
+        if ds_run is not None:
+            summary["deepspeed"] = ds_run
+        atomic_write_json(out / "summary.json", summary)
+        return summary
+
+    return on_rank0(finish)

@@ -56,6 +56,9 @@ def export_gptq(src: ModelSource, out: Path, *, zero_point: str = "v2") -> dict[
     _preflight(src, bits, zero_point)  # refuse before any file is written
     if group not in KERNEL_GROUP_SIZES:
         log.warning("group size %d is valid GPTQ, but GPTQModel's kernels accept only %s", group, KERNEL_GROUP_SIZES)
+    if bits == 4 and group == -1:
+        log.warning("gptqmodel 7.7.0's auto-selected CPU int4 kernels compute group size -1 wrongly; load this "
+                    "export with backend='torch' (GPTQConfig(bits=4, backend='torch')), see docs/EXPORT.md")
 
     def convert(i: int) -> dict[str, torch.Tensor]:
         raw = src.store.block_state(i, dtype=None)

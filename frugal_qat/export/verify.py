@@ -200,8 +200,14 @@ def _load_export(out_dir: Path, fmt: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     if fmt == "gptq":
-        # GPTQ kernels compute in fp16/bf16; gptqmodel picks its CPU kernel.
-        return AutoModelForCausalLM.from_pretrained(str(out_dir), device_map="cpu").eval()
+        from transformers import GPTQConfig
+
+        # GPTQModel's reference kernel (TorchLinear, fp16), which decodes the file as GPTQ specifies. Its
+        # auto-selected CPU int4 kernels (TorchFused/TorchAten) compute group_size -1 wrongly in gptqmodel 7.7.0.
+        bits = read_config(out_dir)["quantization_config"]["bits"]
+        return AutoModelForCausalLM.from_pretrained(
+            str(out_dir), device_map="cpu", quantization_config=GPTQConfig(bits=bits, backend="torch")
+        ).eval()
     if fmt == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 

@@ -27,7 +27,7 @@ KILLS = [
     ("stream_update", 11),  # quant stream update of block 0
     ("after_q_update", 1),
     ("save_block", 1),  # packing and saving block 0
-    ("read_weights", 20),  # while block 1 is read in the background
+    ("read_weights", 14),  # while block 1 is read in the background (block 0 has 9 tensors)
     ("save_block", 2),  # packing and saving the last block
     ("manifest", 8),  # while writing the manifest of the last block's commit
 ]

@@ -1,0 +1,224 @@
+"""Both activation-stream backends (mmap Stream and DeepSpeed-aio AioStream) pass the same behaviour tests.
+
+The aio cases skip, with the reason, only where DeepSpeed's async_io op cannot be built (no libaio: apt-get install
+libaio-dev). The op's first build takes minutes; tools/setup.sh can prebuild it.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from frugal_qat.checkpoint.store import atomic_save_tensors
+from frugal_qat.errors import ConfigError, CorruptCheckpoint
+from frugal_qat.offload import aio
+from frugal_qat.offload.activations import Stream, update_in_place
+from frugal_qat.offload.aio import ALIGN, AioStream, aio_available, open_stream, piece_bytes
+
+# mmap; aio with its default 8 MiB pieces (every test file is one piece); aio with 2-block pieces, so that ranges
+# span several pieces and the double-buffered pipeline and its first/last-piece edges run.
+BACKENDS = ["mmap", "aio", "aio-small-pieces"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    if request.param != "mmap":
+        ok, why = aio_available(tmp_path)
+        if not ok:
+            pytest.skip(why)
+    return request.param
+
+
+def opener(backend: str):
+    if backend == "mmap":
+        return Stream
+    piece = 2 * ALIGN if backend == "aio-small-pieces" else None
+    return lambda path, shape, create=False, dtype=torch.float16: AioStream(path, shape, create, dtype, piece=piece)
+
+
+# Sample sizes in bytes: 120 (all in the file's ragged tail), 6600 (straddles blocks), 8192 (aligned), fp32 1892.
+RAGGED = [((7, 5, 12), torch.float16), ((9, 33, 100), torch.float16), ((6, 4, 1024), torch.float16),
+          ((11, 11, 43), torch.float32)]
+
+
+def test_round_trip_and_reopen(backend, tmp_path):
+    x = torch.randn(9, 33, 100).half()
+    s = opener(backend)(tmp_path / "a.bin", x.shape, create=True)
+    s.write(0, x[:3])
+    s.write(3, x[3:])
+    assert torch.equal(s.read(0, 9), x)
+    s.close()
+    again = opener(backend)(tmp_path / "a.bin", x.shape)
+    assert torch.equal(again.read(2, 5), x[2:5])
+    assert torch.equal(again.read(7, 20), x[7:])  # a stop past N is clipped, as a slice is
+    assert again.read(4, 4).shape == (0, 33, 100)
+    again.close()
+
+
+def test_refuses_wrong_size(backend, tmp_path):
+    opener(backend)(tmp_path / "a.bin", (2, 3, 4), create=True).close()
+    with pytest.raises(CorruptCheckpoint, match="wrong size"):
+        opener(backend)(tmp_path / "a.bin", (3, 3, 4))
+    with pytest.raises(CorruptCheckpoint, match="missing"):
+        opener(backend)(tmp_path / "none.bin", (3, 3, 4))
+
+
+@pytest.mark.parametrize("shape,dtype", RAGGED)
+def test_random_ranges_match_a_reference(backend, tmp_path, shape, dtype):
+    """Random writes and reads of sample ranges whose bytes are not block-aligned agree with an in-RAM copy."""
+    n = shape[0]
+    ref = torch.zeros(shape, dtype=dtype)  # a fresh (fallocated) file reads as zeros
+    s = opener(backend)(tmp_path / "a.bin", shape, create=True, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        a, b = sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())
+        if b > a:
+            x = torch.randn((b - a, *shape[1:]), generator=g).to(dtype)
+            s.write(a, x)
+            ref[a:b] = x
+        c, d = sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())
+        assert torch.equal(s.read(c, d), ref[c:d])
+    s.close()
+    assert (tmp_path / "a.bin").stat().st_size == ref.numel() * ref.element_size()  # same layout as mmap
+    assert (tmp_path / "a.bin").read_bytes() == ref.view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_update_in_place_applies_fn_to_every_chunk(backend, tmp_path):
+    x = torch.randn(10, 4, 8).half()
+    s = opener(backend)(tmp_path / "a.bin", x.shape, create=True)
+    s.write(0, x)
+    seen = []
+
+    def fn(c):
+        seen.append(c.shape[0])
+        return (c.float() * 2 + 1).half()
+
+    update_in_place(s, fn, chunk=3, journal=tmp_path / "j.safetensors", tag="t")
+    assert seen == [3, 3, 3, 1]
+    assert torch.equal(s.read(0, 10), (x.float() * 2 + 1).half())
+
+
+def test_journal_repairs_a_torn_chunk(backend, tmp_path):
+    """A kill in the middle of chunk 1: rows of chunk 1 half new, the journal holds its old rows."""
+    x = torch.randn(9, 33, 100).half()
+    fn = lambda c: (c.float() + 3).half()  # noqa: E731
+    expected = fn(x)
+    s = opener(backend)(tmp_path / "a.bin", x.shape, create=True)
+    s.write(0, torch.cat([expected[:3], expected[3:4], x[4:]]))  # chunk 0 done, chunk 1 torn
+    journal = tmp_path / "j.safetensors"
+    atomic_save_tensors(journal, {"chunk": x[3:6]}, metadata={"tag": "blk", "start": "3"})
+    update_in_place(s, fn, chunk=3, journal=journal, tag="blk")
+    assert torch.equal(s.read(0, 9), expected)
+
+
+KILLED_UPDATE = """
+import sys, torch
+from pathlib import Path
+from frugal_qat.offload.activations import Stream, update_in_place
+from frugal_qat.offload.aio import AioStream
+backend, d = sys.argv[1], Path(sys.argv[2])
+cls = Stream if backend == "mmap" else AioStream
+s = cls(d / "a.bin", (9, 33, 100))
+update_in_place(s, lambda c: (c.float() + 3).half(), chunk=3, journal=d / "j.safetensors", tag="blk")
+"""
+
+
+def test_killed_update_resumes_bit_identical(backend, tmp_path):
+    """SIGKILL between the two halves of chunk 1's write (a real torn chunk on disk), then resume."""
+    x = torch.randn(9, 33, 100).half()
+    s = opener(backend)(tmp_path / "a.bin", x.shape, create=True)
+    s.write(0, x)
+    s.close()
+    env = dict(os.environ, FRUGAL_QAT_KILL_AT="stream_write@2")
+    proc = subprocess.run([sys.executable, "-c", KILLED_UPDATE, backend, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    s = opener(backend)(tmp_path / "a.bin", x.shape)
+    on_disk = s.read(0, 9)
+    expected = (x.float() + 3).half()
+    assert torch.equal(on_disk[:4], expected[:4]) and torch.equal(on_disk[4:], x[4:])  # chunk 1 torn: 1 of 3 rows new
+    update_in_place(s, lambda c: (c.float() + 3).half(), chunk=3, journal=tmp_path / "j.safetensors", tag="blk")
+    assert torch.equal(s.read(0, 9), expected)
+
+
+def test_concurrent_writers_of_neighbouring_samples_lose_nothing(backend, tmp_path):
+    """Two threads write interleaved samples that share disk blocks (aio: read-modify-write under the lock)."""
+    shape = (16, 3, 700)  # 4200 bytes per sample: every block holds bytes of two samples
+    s = opener(backend)(tmp_path / "a.bin", shape, create=True)
+    x = torch.randn(shape).half()
+
+    def writer(parity: int):
+        for _ in range(5):
+            for i in range(parity, shape[0], 2):
+                s.write(i, x[i : i + 1])
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(s.read(0, shape[0]), x)
+
+
+@pytest.mark.parametrize("first", ["mmap", "aio"])
+def test_backends_share_the_file_format(tmp_path, first):
+    """A run written with one backend resumes with the other: same bytes, same size."""
+    ok, why = aio_available(tmp_path)
+    if not ok:
+        pytest.skip(why)
+    x = torch.randn(5, 33, 100).half()
+    opener(first)(tmp_path / "a.bin", x.shape, create=True).write(0, x)
+    other = opener("aio" if first == "mmap" else "mmap")(tmp_path / "a.bin", x.shape)
+    assert torch.equal(other.read(0, 5), x)
+
+
+# ---- choosing the backend ------------------------------------------------------------------------------------------
+
+
+def test_open_stream_mmap_and_unknown(tmp_path):
+    s = open_stream(tmp_path / "a.bin", (2, 3, 4), create=True, io="mmap")
+    assert isinstance(s, Stream)
+    with pytest.raises(ConfigError, match="choose one of auto, aio, mmap"):
+        open_stream(tmp_path / "b.bin", (2, 3, 4), create=True, io="uring")
+
+
+def test_forced_aio_without_the_op_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(aio, "_load_op", lambda: (None, "DeepSpeed async_io cannot be built here: " + aio._FIX))
+    with pytest.raises(ConfigError, match="apt-get install -y libaio-dev"):
+        open_stream(tmp_path / "a.bin", (2, 3, 4), create=True, io="aio")
+    assert not (tmp_path / "a.bin").exists()  # refused before anything was written
+
+
+def test_auto_falls_back_to_mmap_with_a_logged_reason(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(aio, "_load_op", lambda: (None, "no libaio here"))
+    with caplog.at_level(logging.INFO, logger="frugal_qat.offload.aio"):
+        s = open_stream(tmp_path / "a.bin", (2, 3, 4), create=True, io="auto")
+    assert isinstance(s, Stream)
+    assert "no libaio here" in caplog.text
+
+
+def test_auto_takes_aio_where_available(tmp_path):
+    ok, why = aio_available(tmp_path)
+    if not ok:
+        pytest.skip(why)
+    s = open_stream(tmp_path / "a.bin", (2, 3, 4), create=True, io="auto")
+    assert isinstance(s, AioStream)
+    s.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm tmpfs here")
+def test_tmpfs_has_no_o_direct(monkeypatch):
+    monkeypatch.setattr(aio, "_load_op", lambda: (object(), ""))  # only the filesystem probe is under test
+    ok, why = aio_available("/dev/shm")
+    assert not ok and "O_DIRECT" in why and "--io mmap" in why
+
+
+def test_piece_bytes_fits_the_locked_memory_limit():
+    assert piece_bytes(None) == 8 * 2**20
+    assert piece_bytes(2**40) == 8 * 2**20
+    assert piece_bytes(8 * 2**20) == 2 * 2**20  # the common 8 MiB default: two 2 MiB buffers
+    assert piece_bytes(3 * 2**20) == 0  # too small: aio is reported unavailable

@@ -1,0 +1,134 @@
+"""The memory profiler: exact per-segment peaks (not sampled), segments from marks, live-tensor counting, the
+planner's prediction beside each measured peak, and the JSON + PNG it writes (also when the run fails)."""
+
+import json
+
+import pytest
+import torch
+
+from frugal_qat.planner import PlanSettings, load_model_config, plan
+from frugal_qat.planner.profile import (
+    LiveTensors,
+    Profiler,
+    build_segments,
+    format_profile,
+    predicted_peaks,
+    read_rss_hwm,
+)
+
+MiB = 2**20
+
+
+def seg(result, kind, value):
+    (s,) = [s for s in result["segments"] if s["kind"] == kind and s["value"] == value]
+    return s
+
+
+@pytest.mark.skipif(read_rss_hwm() is None, reason="needs Linux /proc/self/status")
+def test_a_short_lived_peak_is_caught_between_samples_and_charged_to_its_block():
+    # 10 s between samples: the 256 MiB tensor lives and dies before any sample, so only the kernel's
+    # high-water mark (reset at every mark) can see it, and it must land in block 0, not in block 1.
+    with Profiler(interval=10.0, prediction={"train": 2**30}) as prof:
+        prof.mark("phase", "train")
+        prof.mark("block", 0)
+        x = torch.ones(64 * MiB)  # 256 MiB, touched
+        del x
+        prof.mark("block", 1)
+        y = torch.ones(MiB)
+        del y
+    r = prof.result
+    assert r["exact_rss_peaks"]
+    b0, b1 = seg(r, "block", 0), seg(r, "block", 1)
+    assert b0["peak_rss"] - b1["peak_rss"] > 200 * MiB
+    assert seg(r, "phase", "train")["peak_rss"] == b0["peak_rss"] == r["peak_rss"]
+    # every sample is below the peak it missed
+    assert max(r["samples"]["rss"]) < b0["peak_rss"] - 200 * MiB
+    # blocks inherit their phase's prediction
+    assert b0["predicted"] == b1["predicted"] == 2**30
+    assert b0["measured_over_predicted"] == pytest.approx(b0["peak_rss"] / 2**30, rel=1e-3)
+
+
+def test_segments_follow_the_rank_of_their_marks():
+    marks = [{"t": 0.0, "kind": "phase", "value": "block_ap"}, {"t": 1.0, "kind": "block", "value": 0},
+             {"t": 1.5, "kind": "stage", "value": "train"}, {"t": 3.0, "kind": "block", "value": 1},
+             {"t": 5.0, "kind": "block", "value": None}, {"t": 6.0, "kind": "phase", "value": "ppl_eval"}]
+    cuts = [0.0, 1.0, 1.5, 3.0, 5.0, 6.0, 8.0]
+    peaks = [10, 20, 50, 30, 15, 40]
+    intervals = [{"start": a, "end": b, "peak_rss": p, "peak_cuda": None, "peak_live": None, "read_bytes": 1,
+                  "write_bytes": 2} for a, b, p in zip(cuts, cuts[1:], peaks)]
+    segs = build_segments(marks, intervals, 8.0, {"block_ap": 100})
+    got = {(s["kind"], s["value"]): (s["start"], s["end"], s["peak_rss"], s["read_bytes"], s["predicted"])
+           for s in segs}
+    assert got == {
+        ("phase", "block_ap"): (0.0, 6.0, 50, 5, 100),
+        ("block", 0): (1.0, 3.0, 50, 2, 100),
+        ("stage", "train"): (1.5, 3.0, 50, 1, 100),  # a block mark closes the stage
+        ("block", 1): (3.0, 5.0, 30, 1, 100),  # end("block") closes it
+        ("phase", "ppl_eval"): (6.0, 8.0, 40, 1, None),  # no prediction for this phase
+    }
+
+
+def test_live_tensors_count_storages_once_and_free_them():
+    with LiveTensors() as live:
+        a = torch.empty(1000, dtype=torch.float32)
+        assert live.current == 4000
+        v = a.view(10, 100)[2:]  # a view: no new storage
+        b = torch.zeros(500, dtype=torch.float16)
+        assert live.current == 5000
+        del a, v
+        assert live.current == 1000
+        assert live.reset_peak() == 5000
+        assert live.peak == 1000
+        del b
+        assert live.current == 0
+
+
+def test_profiler_tracks_tensors_per_segment():
+    with Profiler(interval=0.01, track_tensors=True) as prof:
+        prof.mark("phase", "a")
+        x = torch.ones(2 * MiB)  # 8 MiB
+        del x
+        prof.mark("phase", "b")
+        y = torch.ones(MiB // 4)  # 1 MiB
+        del y
+    r = prof.result
+    assert seg(r, "phase", "a")["peak_live"] == 8 * MiB
+    assert seg(r, "phase", "b")["peak_live"] == MiB
+    assert r["peak_live"] == 8 * MiB
+    assert len(r["samples"]["live"]) == len(r["samples"]["t"])
+
+
+def test_json_and_png_are_written_even_when_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with Profiler(tmp_path / "p.json", tmp_path / "p.png", prediction={"block_ap": 3 * 2**30},
+                      interval=0.01, title="t") as prof:
+            prof.mark("phase", "block_ap")
+            for i in range(3):
+                prof.mark("block", i)
+                prof.mark("stage", "train")
+            raise RuntimeError("out of memory")
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [s["value"] for s in data["segments"] if s["kind"] == "block"] == [0, 1, 2]
+    assert data["prediction"] == {"block_ap": 3 * 2**30}
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_prediction_is_ram_on_cpu_and_device_memory_on_cuda_and_printed_beside_the_measurement():
+    config = load_model_config("smollm2-135m")
+    for device in ("cpu", "cuda"):
+        p = plan(config, PlanSettings(wbits=3, group_size=64, seqlen=256, train_size=32, device=device))
+        want = {ph.phase: (ph.ram_peak if device == "cpu" else ph.device_peak) for ph in p.phases}
+        assert predicted_peaks(p) == want
+    with Profiler(prediction={"block_ap": 2**30}) as prof:
+        prof.mark("phase", "block_ap")
+    table = format_profile(prof.result)
+    s = seg(prof.result, "phase", "block_ap")
+    assert "phase block_ap" in table and "1.000" in table  # the planned GiB
+    assert f"{s['peak_rss'] / 2**30:.3f}" in table
+    assert f"{s['measured_over_predicted']:.3f}" in table
+
+
+def test_bad_interval_is_refused():
+    with pytest.raises(ValueError, match="interval 0 must be positive"):
+        Profiler(interval=0)
