@@ -256,6 +256,8 @@ def run_block_ap(
                              f"whose journals only that split can replay; resume it on that many, not {world}")
     if world > 1:
         m.extra["world_size"] = world
+    else:
+        m.extra.pop("world_size", None)
     new_streams = m.progress.stage == "embed"
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
 
@@ -292,7 +294,7 @@ def run_block_ap(
     weight_lr = b.resolved_weight_lr(q.wbits)
     steps_per_epoch = d.train_size // b.batch_size
     first = m.progress.block if m.progress.stage not in ("finalize", "done") else src.n_layers
-    outer = tqdm(total=src.n_layers, initial=first, desc="block-ap", unit="block", disable=not show_progress)
+    outer = tqdm(total=src.n_layers, initial=first, desc="block-ap", unit="block", disable=not show_progress or rank != 0)
     pin = device.type == "cuda"
 
     def to_device(x: torch.Tensor) -> torch.Tensor:
@@ -361,7 +363,7 @@ def run_block_ap(
                 result.val_mse.append(validate())  # the RTN starting point, to show what training bought
             total_steps = b.epochs * steps_per_epoch
             inner = tqdm(total=total_steps, initial=start_step, desc=f"block {i}", unit="step", leave=False,
-                         disable=not show_progress)
+                         disable=not show_progress or rank != 0)
             tokens_per_step = b.batch_size * L
             t_train = time.time()
 

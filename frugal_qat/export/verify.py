@@ -180,8 +180,10 @@ def check_logits(run_dir: str | Path, out_dir: str | Path, fmt: str, windows: to
     ref = load_quantized_model(run_dir)
     ours, ppl_ours = _logits_and_ppl(ref, windows)
     del ref
-    model = _load_export(out_dir, fmt)
-    theirs, ppl_theirs = _logits_and_ppl(model, windows)
+    # gptqmodel torch.compile()s every layer's dequantization; on CPU that takes minutes and changes only speed.
+    with torch._dynamo.config.patch(disable=True):
+        model = _load_export(out_dir, fmt)
+        theirs, ppl_theirs = _logits_and_ppl(model, windows)
     return {
         "loader": " + ".join(f"{p} {importlib.metadata.version(p)}" for p in ("transformers", *need)),
         "compute_dtype": str(model.dtype).removeprefix("torch."),

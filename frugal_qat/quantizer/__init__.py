@@ -1,6 +1,8 @@
-"""Weight quantization: primitives (tensor maths), GPTQ-layout packing and the fake-quant layer."""
+"""Weight quantization: primitives (tensor maths), GPTQ-layout packing, the fake-quant layer (Block-AP) and the
+packed layer (E2E-QP). The Triton kernels are imported only when a CUDA tensor needs them."""
 
 from frugal_qat.quantizer.linear import QuantLinear
+from frugal_qat.quantizer.packed import PackedLinear, packed_linear
 from frugal_qat.quantizer.packing import (
     pack_linear,
     pack_rows,
@@ -22,7 +24,9 @@ from frugal_qat.quantizer.primitives import (
 
 __all__ = [
     "SUPPORTED_BITS",
+    "PackedLinear",
     "QuantLinear",
+    "packed_linear",
     "clamp_ste",
     "dequantize",
     "fake_quant",

@@ -1,0 +1,194 @@
+"""Block-AP quality on the demo model: held-out perplexity of fp16, RTN and Block-AP settings, as a table.
+
+    FRUGAL_QAT_CACHE=/tmp/fqcache .venv/bin/python tools/bench_quality.py [--root /tmp/fq_bench] [--only NAME ...]
+
+Every row goes through the real CLI in a subprocess (``frugal-qat block-ap`` then ``frugal-qat ppl``), so the
+numbers are those a user gets. A row's settings are a base recipe plus overrides; the merged recipe is written to
+``ROOT/NAME/recipe.yaml`` and passed with ``--recipe``, so it documents the row exactly. Results land in
+``ROOT/NAME/result.json``; a row whose result exists is skipped (the benchmark resumes after a kill), ``--only NAME``
+runs that row again from scratch. Rows run one at a time: each already uses both cores.
+
+Per row: perplexity on the held-out demo text (40 windows x 512 tokens, the demo protocol), Block-AP wall time
+(from the run's summary.json) and the CPU seconds of its subprocess (wall time is noisy on a shared machine; CPU
+time is not), peak RSS (summary.json ``peak_rss_bytes``), packed output size, and the share of the fp16 -> RTN gap
+that Block-AP closed at the same bits. ``--table`` prints the table from the stored results without running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "frugal_qat"]
+PPL_ARGS = ["--data", "demo-heldout", "--seqlen", "512", "--max-windows", "40", "--device", "cpu"]
+DEMO = REPO / "recipes" / "demo.yaml"
+
+
+@dataclass
+class Row:
+    """One configuration: ``recipe`` (None: the fp16 model itself) plus ``set`` = {"section.field": value}."""
+
+    name: str
+    recipe: Path | None
+    set: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def rtn(bits: int) -> Row:
+    return Row(f"rtn_w{bits}g64", DEMO, {"quant.wbits": bits, "block_ap.epochs": 0}, "round-to-nearest (min-max)")
+
+
+def demo(bits: int, **extra) -> dict:
+    return {"quant.wbits": bits, **extra}
+
+
+# The measured configurations, in the order they were run (docs/QUALITY.md discusses each).
+ROWS: list[Row] = [
+    Row("fp16", None, note="the unquantized checkpoint"),
+    rtn(4),
+    rtn(3),
+    rtn(2),
+    Row("bap_w4_demo", DEMO, demo(4), "demo recipe: paper lrs (1e-5 / 1e-4), 32 x 256, 2 epochs"),
+    Row("bap_w3_demo", DEMO, demo(3), "demo recipe: paper lrs (1e-5 / 1e-4), 32 x 256, 2 epochs"),
+    Row("bap_w4_recipe", REPO / "recipes" / "smollm2_135m_w4g64.yaml", {}, "shipped recipe"),
+    Row("bap_w3_recipe", REPO / "recipes" / "smollm2_135m_w3g64.yaml", {}, "shipped recipe"),
+    Row("bap_w2_recipe", REPO / "recipes" / "smollm2_135m_w2g64.yaml", {}, "shipped recipe"),
+]
+
+
+def merged_recipe(row: Row) -> dict:
+    recipe = yaml.safe_load(row.recipe.read_text()) or {}
+    for key, value in row.set.items():
+        section, _, name = key.partition(".")
+        recipe.setdefault(section, {})[name] = value
+    return recipe
+
+
+def run_cli(args: list[str], log: Path) -> tuple[float, float]:
+    """Run ``frugal-qat ARGS`` with output to ``log``; return (wall seconds, CPU seconds of the subprocess)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(CLI + args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        tail = log.read_text().splitlines()[-5:]
+        raise RuntimeError(f"frugal-qat {args[0]} failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.time() - t, cpu
+
+
+def run_row(row: Row, root: Path, model: Path) -> dict:
+    d = root / row.name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    res: dict = {"name": row.name, "note": row.note}
+    target = model
+    if row.recipe is not None:
+        recipe = merged_recipe(row)
+        (d / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        res["recipe"] = recipe
+        target = d / "run"
+        _, res["block_ap_cpu_s"] = run_cli(["block-ap", "--model", str(model), "--out", str(target),
+                                            "--recipe", str(d / "recipe.yaml"), "--device", "cpu"], d / "block_ap.log")
+        summary = json.loads((target / "summary.json").read_text())
+        res.update(block_ap_s=summary["seconds"], peak_rss_bytes=summary["peak_rss_bytes"],
+                   output_bytes=summary["output_bytes"], wbits=summary["wbits"],
+                   last_val_mse=[b["val_mse"][-1] for b in summary["blocks"] if b["val_mse"]][-1])
+    res["ppl_s"], _ = run_cli(["ppl", "--model", str(target), "--json", str(d / "ppl.json"), *PPL_ARGS], d / "ppl.log")
+    res["ppl"] = json.loads((d / "ppl.json").read_text())["ppl"]
+    if target != model:
+        shutil.rmtree(target / "blocks", ignore_errors=True)  # keep the logs and summary, not 100 MB of weights
+    (d / "result.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def describe(res: dict) -> str:
+    """The settings that matter, compactly: N x L, epochs, batch, lrs (and min lr ratio / clipping when set)."""
+    r = res.get("recipe")
+    if r is None:
+        return "-"
+    d, b = r.get("data", {}), r.get("block_ap", {})
+    if b.get("epochs", 2) == 0:
+        return "RTN"
+    wbits = r["quant"]["wbits"]
+    wlr = b.get("weight_lr") or (2e-5 if wbits == 2 else 1e-5)
+    steps = d["train_size"] // b.get("batch_size", 2) * b.get("epochs", 2)
+    s = f"{d['train_size']}x{d['seqlen']} e{b.get('epochs', 2)} b{b.get('batch_size', 2)} ({steps} st) " \
+        f"wlr {wlr:g} qlr {b.get('quant_lr', 1e-4):g}"
+    if "min_lr_ratio" in b:
+        s += f" min {b['min_lr_ratio']:g}"
+    if b.get("max_grad_norm"):
+        s += f" clip {b['max_grad_norm']:g}"
+    return s
+
+
+def table(results: list[dict]) -> str:
+    fp = next((r["ppl"] for r in results if r["name"] == "fp16"), None)
+    rtn_ppl = {r["wbits"]: r["ppl"] for r in results if r.get("recipe") and describe(r) == "RTN"}
+    head = f"{'row':<16} {'bits':>4} {'settings':<52} {'ppl':>10} {'gap':>5} {'B-AP s':>7} {'CPU s':>7} {'RSS GiB':>7} {'MiB':>6}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        bits = r.get("wbits", 16)
+        gap = "-"
+        if fp and bits in rtn_ppl and describe(r) != "RTN":
+            gap = f"{(rtn_ppl[bits] - r['ppl']) / (rtn_ppl[bits] - fp):.0%}"
+        lines.append(
+            f"{r['name']:<16} {bits:>4} {describe(r):<52} {r['ppl']:>10.2f} {gap:>5} "
+            f"{r.get('block_ap_s', 0):>7.0f} {r.get('block_ap_cpu_s', 0):>7.0f} "
+            f"{r.get('peak_rss_bytes', 0) / 2**30:>7.2f} {r.get('output_bytes', 0) / 2**20:>6.1f}"
+        )
+    lines.append("gap: share of the RTN -> fp16 perplexity gap closed; B-AP s: Block-AP wall time; CPU s: its CPU time")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/fq_bench"), help="where runs and results go")
+    ap.add_argument("--model", type=Path, default=Path("/tmp/demo/smollm2"),
+                    help="SmolLM2-135M fp16 checkpoint (made with tools/make_smollm2_checkpoint.py if missing)")
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this row, again (repeatable)")
+    ap.add_argument("--table", action="store_true", help="print the table of stored results and exit")
+    ap.add_argument("--list", action="store_true", help="list the rows and their settings")
+    args = ap.parse_args(argv)
+    names = [r.name for r in ROWS]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; choose from {names}")
+    if args.list:
+        for r in ROWS:
+            print(f"{r.name:<16} {r.recipe.name if r.recipe else '-':<28} {r.set}  {r.note}")
+        return 0
+    if not args.table:
+        if not (args.model / "config.json").exists():
+            from frugal_qat.data.demo import make_smollm2_checkpoint
+
+            make_smollm2_checkpoint(args.model)
+        os.environ.setdefault("FRUGAL_QAT_CACHE", str(args.root / "cache"))
+        for row in ROWS:
+            done = (args.root / row.name / "result.json").exists()
+            if (args.only and row.name not in args.only) or (done and not args.only):
+                continue
+            print(f"== {row.name}: {row.note}", flush=True)
+            res = run_row(row, args.root, args.model)
+            print(f"   ppl {res['ppl']:.2f}" + (f", Block-AP {res['block_ap_s']:.0f} s" if "block_ap_s" in res else ""),
+                  flush=True)
+    results = [json.loads(p.read_text()) for n in names if (p := args.root / n / "result.json").exists()]
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
