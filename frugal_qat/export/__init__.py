@@ -18,7 +18,6 @@ is refused (``ConfigError``) before anything is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,9 +29,9 @@ from typing import Any
 import torch
 
 from frugal_qat import __version__
-from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, LINEAR_NAMES
+from frugal_qat.arch import EMBED_KEY, LINEAR_NAMES, LM_HEAD_KEY, NORM_KEY
 from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES
-from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json
+from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json, read_json
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
 from frugal_qat.offload.blocks import ModelSource
 
@@ -57,8 +56,9 @@ def export_run(
         run_dir: a finished frugal-qat run directory.
         fmt: one of ``FORMATS``.
         out_dir: a new (or empty) directory, not inside ``run_dir``.
-        verify: reload through the format's own library where it is installed (else an independent reader of
-            the format) and compare logits and perplexity on a few token windows with frugal-qat's forward.
+        verify: decode every tensor with an independent reader of the format and compare with the run's weights
+            (must be exact for gptq and compressed-tensors), then reload through the format's own library where
+            it is installed and compare logits and perplexity on a few token windows with frugal-qat's forward.
         zero_point: gptq only: ``"v2"`` (``checkpoint_format: gptq_v2``, z as is) or ``"v1"`` (z - 1).
         dtype: fp16 only: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the dense weights.
 
@@ -81,6 +81,10 @@ def export_run(
     }
     if fmt not in writers:
         raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if zero_point != "v2" and fmt != "gptq":
+        raise ConfigError(f"zero_point {zero_point!r} applies to the gptq format only, not {fmt}; drop it")
+    if dtype != "float16" and fmt != "fp16":
+        raise ConfigError(f"dtype {dtype!r} applies to the fp16 format only ({fmt} keeps fp16 scales); drop it")
     t0 = time.time()
     src = open_run(run_dir)
     out = check_out_dir(run_dir, out_dir)
@@ -132,7 +136,7 @@ def open_run(run_dir: str | Path) -> ModelSource:
         )
     manifest = run_dir / "manifest.json"
     if manifest.is_file():
-        stage = json.loads(manifest.read_text()).get("progress", {}).get("stage")
+        stage = read_json(manifest).get("progress", {}).get("stage")
         if stage != "done":
             raise CorruptCheckpoint(
                 f"run {run_dir} is not finished (progress stage {stage!r}); resume it with the same command first"
@@ -143,7 +147,9 @@ def open_run(run_dir: str | Path) -> ModelSource:
     expected = {name.rsplit(".", 1)[1] for name in LINEAR_NAMES}
     if modules != expected:
         # Formats below name "every Linear but lm_head" as quantized; a run of another set would be mislabelled.
-        raise ConfigError(f"run {run_dir} quantized modules {sorted(modules)}; export supports exactly {sorted(expected)}")
+        raise ConfigError(
+            f"run {run_dir} quantized modules {sorted(modules)}; export supports exactly {sorted(expected)}"
+        )
     return src
 
 
@@ -167,9 +173,9 @@ def write_shards(
     out: Path,
     convert_block: Callable[[int], dict[str, torch.Tensor]],
     extra_dtype: torch.dtype = torch.float16,
-) -> int:
+) -> None:
     """One shard per decoder block (``convert_block(i)`` gives its tensors, full names) and a last one with the
-    embeddings, final norm and lm_head, plus ``model.safetensors.index.json``. Returns the total tensor bytes.
+    embeddings, final norm and lm_head, plus ``model.safetensors.index.json``.
 
     Only one block's tensors exist at a time. A config that says untied but a run without lm_head (ModelSource
     then uses the embeddings) gets the embeddings written as lm_head, so every loader computes the same thing.
@@ -191,8 +197,8 @@ def write_shards(
     if not src.hf.tie_word_embeddings:
         extra[LM_HEAD_KEY] = src.lm_head_weight().to(extra_dtype)
     save(n, extra)
-    atomic_write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    return total
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_json(out / INDEX_FILE, index)
 
 
 def write_model_files(src: ModelSource, out: Path, quantization_config: dict[str, Any] | None,

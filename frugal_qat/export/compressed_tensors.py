@@ -33,7 +33,7 @@ from frugal_qat.arch import block_prefix
 from frugal_qat.errors import CorruptCheckpoint
 from frugal_qat.export import linear_keys, write_model_files, write_shards
 from frugal_qat.offload.blocks import ModelSource
-from frugal_qat.quantizer import pack_rows, unpack_linear
+from frugal_qat.quantizer import packed_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def export_compressed_tensors(src: ModelSource, out: Path) -> dict[str, Any]:
         out_t = {}
         linears = [name[len(prefix):] for name in linear_keys(i)]
         for name in linears:
-            out_t.update({prefix + name + "." + k: v for k, v in pack_linear_ct(raw, name, bits, group).items()})
+            out_t.update({prefix + name + "." + k: v for k, v in pack_linear_ct(raw, name, bits).items()})
         for key, t in raw.items():
             owner, kind = key.rsplit(".", 1)
             if owner not in linears or kind == "bias":  # norms and biases, fp16 as in the run
@@ -64,18 +64,23 @@ def export_compressed_tensors(src: ModelSource, out: Path) -> dict[str, Any]:
     return {"compression_format": FORMAT}
 
 
-def pack_linear_ct(raw: dict[str, torch.Tensor], name: str, bits: int, group: int) -> dict[str, torch.Tensor]:
-    """One linear's GPTQ tensors from the run (``raw[name + ".qweight"]`` ...) in pack-quantized form."""
-    packed = {k: raw[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-    n_in, n_out = packed["g_idx"].numel(), packed["scales"].shape[1]
-    codes, scale, zero = unpack_linear(packed, bits, group, n_in, n_out)  # [out, in] uint8, [out, G] fp32 x2
-    if zero.min() < 0 or zero.max() > 2**bits - 1:
-        raise CorruptCheckpoint(f"{name}: zero points outside [0, {2**bits - 1}]; the run is damaged")
+def pack_linear_ct(raw: dict[str, torch.Tensor], name: str, bits: int) -> dict[str, torch.Tensor]:
+    """One linear's GPTQ tensors from the run (``raw[name + ".qweight"]`` ...) in pack-quantized form.
+
+    Both formats hold the same LSB-first bitstreams of the unsigned codes and zero points (module docstring), so
+    the conversion is a transpose: no value is unpacked or rounded.
+    """
+    qweight, qzeros, scales = (raw[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales"))
+    n_in, (n_groups, n_out) = raw[f"{name}.g_idx"].numel(), scales.shape
+    if not torch.equal(raw[f"{name}.g_idx"].long(), torch.arange(n_in) // (n_in // n_groups)):
+        raise CorruptCheckpoint(f"{name}: g_idx is not i // g; only desc_act=false runs can be exported")
+    if qweight.shape != (packed_rows(n_in, bits), n_out) or qzeros.shape != (n_groups, packed_rows(n_out, bits)):
+        raise CorruptCheckpoint(f"{name}: packed shapes {tuple(qweight.shape)}, {tuple(qzeros.shape)} do not match "
+                                f"a {bits}-bit [{n_out}, {n_in}] layer; the run is damaged")
     return {
-        # pack_rows packs each column along dim 0: transpose so each row of [out, in] becomes one bitstream.
-        "weight_packed": pack_rows(codes.t(), bits).t().contiguous(),
-        "weight_zero_point": pack_rows(zero.to(torch.int64), bits),
-        "weight_scale": scale.to(torch.float16),  # exact: the run stores fp16 scales
+        "weight_packed": qweight.t().contiguous(),  # [out, ceil(in*b/32)]: row o is column o of qweight
+        "weight_zero_point": qzeros.t().contiguous(),  # [ceil(out*b/32), G]
+        "weight_scale": scales.t().contiguous(),  # fp16 [out, G], as stored in the run
         "weight_shape": torch.tensor([n_out, n_in], dtype=torch.int64),
     }
 

@@ -136,7 +136,8 @@ def _check_shape(key: str, t: torch.Tensor, raw: dict[str, torch.Tensor], bits: 
         return
     rel = base.split(".", 3)[3]  # strip "model.layers.{i}."
     scales, n_in = raw[f"{rel}.scales"], raw[f"{rel}.g_idx"].numel()
-    expected = (n_in * bits // 32, scales.shape[1]) if kind == "qweight" else (scales.shape[0], scales.shape[1] * bits // 32)
+    n_groups, n_out = scales.shape
+    expected = (n_in * bits // 32, n_out) if kind == "qweight" else (n_groups, n_out * bits // 32)
     if tuple(t.shape) != expected:
         raise CorruptCheckpoint(f"{key} has shape {tuple(t.shape)}, expected {list(expected)}; the run is damaged")
 

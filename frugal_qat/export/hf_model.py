@@ -45,7 +45,8 @@ def load_quantized_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         block = {block_prefix(i) + k: v.to(dtype) for k, v in src.block_state(i).items()}
         _assign(model, block, f"block {i}")
         del block
-    _assign(model, {EMBED_KEY: src.embed_weight().to(dtype), NORM_KEY: src.final_norm().weight.data.to(dtype)}, "embeddings")
+    extra = {EMBED_KEY: src.embed_weight().to(dtype), NORM_KEY: src.final_norm().weight.data.to(dtype)}
+    _assign(model, extra, "embeddings")
     if src.hf.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     else:

@@ -32,7 +32,8 @@ def _decode_plain(t, bits, group):
     """W[o, i] = (x_q - zp) * s with compressed-tensors' signed integers: stored values minus 2^(b-1).
     weight_packed rows and weight_zero_point columns are the bitstreams."""
     n_out, n_in = t["weight_shape"].tolist()
-    packed, zp_words, scale = t["weight_packed"].t().tolist(), t["weight_zero_point"].tolist(), t["weight_scale"].float()
+    packed, zp_words = t["weight_packed"].t().tolist(), t["weight_zero_point"].tolist()
+    scale = t["weight_scale"].float()
     g = n_in if group == -1 else group
     offset = 2 ** (bits - 1)
     w = torch.empty(n_out, n_in)
@@ -98,7 +99,8 @@ def test_library_writes_the_same_tensors_and_reads_ours(runs, tmp_path, bits, gr
     _, scale, zero = unpack_linear(packed, bits, group, 64, 128)
     dense = src.block_state(0)[f"{name}.weight"]
     theirs = PackedQuantizationCompressor.compress(
-        {"weight": dense.half(), "weight_scale": scale.half(), "weight_zero_point": (zero - 2 ** (bits - 1)).to(torch.int8)},
+        {"weight": dense.half(), "weight_scale": scale.half(),
+         "weight_zero_point": (zero - 2 ** (bits - 1)).to(torch.int8)},
         scheme)
     ours = _tensors(out, f"model.layers.0.{name}")
     assert set(theirs) == set(ours)

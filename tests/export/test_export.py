@@ -71,7 +71,8 @@ def test_streams_one_shard_per_block(runs, tmp_path, fmt):
 def test_tied_embeddings_export_without_lm_head(runs, tmp_path):
     run = runs(4, 32, tie=True)
     report = export_run(run, "compressed-tensors", tmp_path / "ct", verify=False)
-    assert "lm_head.weight" not in json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((tmp_path / "ct" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
     assert report["bits"] == 4
     export_run(run, "fp16", tmp_path / "fp16", verify=False)
     windows = torch.randint(0, 128, (2, 16))

@@ -56,9 +56,9 @@ def test_gptq_v2_decodes_to_the_run_weights(runs, tmp_path, bits, group):
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc == json.loads((out / "quantize_config.json").read_text())
-    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format")} \
-        == {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False, "desc_act": False,
-            "checkpoint_format": "gptq_v2", "format": "gptq_v2"}
+    keys = ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format")
+    assert {k: qc[k] for k in keys} == {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                                        "desc_act": False, "checkpoint_format": "gptq_v2", "format": "gptq_v2"}
     assert report["checkpoint_format"] == "gptq_v2"
 
     # One layer decoded bit by bit, independently of frugal-qat's packer, equals the run's dequantized weight.
@@ -81,7 +81,8 @@ def test_gptq_v1_stores_z_minus_one(runs, tmp_path, bits):
     v1, v2 = _tensors(out, name)["qzeros"], ModelSource(run).store.get(name + ".qzeros")
     n_out = v2.shape[1] * 32 // bits
     assert torch.equal(unpack_rows(v1.t(), bits, n_out).long() + 1, unpack_rows(v2.t(), bits, n_out).long())
-    assert torch.equal(_decode_plain(_tensors(out, name), bits, v1=True), ModelSource(run).block_state(0)["mlp.down_proj.weight"])
+    ref = ModelSource(run).block_state(0)["mlp.down_proj.weight"]
+    assert torch.equal(_decode_plain(_tensors(out, name), bits, v1=True), ref)
     assert check_weights(run, out, "gptq")["max_abs_weight_diff"] == 0.0
 
 

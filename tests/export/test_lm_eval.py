@@ -40,9 +40,10 @@ def _our_accuracy(run):
 def test_lm_eval_on_a_local_task(tmp_path, monkeypatch):
     from frugal_qat.eval.lm_eval import run_lm_eval
 
-    run = make_run(tmp_path, 4, 32)
+    run = make_run(tmp_path, 4, 32, seed=1)  # this random tiny model gets 1 of 4 right: a non-trivial match
     monkeypatch.chdir(TASKS)  # the task's data_files path is relative
     result = run_lm_eval(run, "frugal_tiny_mc", include_path=TASKS)
     acc = result["tasks"]["frugal_tiny_mc"]["acc"]
     assert 0.0 <= acc <= 1.0 and result["mean_acc"] == acc
-    assert acc == _our_accuracy(run), "lm-eval scored the model object we built"
+    ours = _our_accuracy(run)
+    assert ours > 0 and acc == ours, "lm-eval scored the model object we built"

@@ -4,6 +4,7 @@ The aio cases skip, with the reason, only where DeepSpeed's async_io op cannot b
 libaio-dev). The op's first build takes minutes; tools/setup.sh can prebuild it.
 """
 
+import errno
 import logging
 import os
 import subprocess
@@ -127,6 +128,7 @@ update_in_place(s, lambda c: (c.float() + 3).half(), chunk=3, journal=d / "j.saf
 """
 
 
+@pytest.mark.parametrize("backend", ["mmap", "aio"], indirect=True)  # a subprocess each: the slowest tests here
 def test_killed_update_resumes_bit_identical(backend, tmp_path):
     """SIGKILL between the two halves of chunk 1's write (a real torn chunk on disk), then resume."""
     x = torch.randn(9, 33, 100).half()
@@ -210,11 +212,20 @@ def test_auto_takes_aio_where_available(tmp_path):
     s.close()
 
 
-@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm tmpfs here")
-def test_tmpfs_has_no_o_direct(monkeypatch):
+def test_a_filesystem_without_o_direct_is_refused(tmp_path, monkeypatch):
+    """Such filesystems fail open(O_DIRECT) with EINVAL (tmpfs before Linux 6.6, some network filesystems)."""
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
     monkeypatch.setattr(aio, "_load_op", lambda: (object(), ""))  # only the filesystem probe is under test
-    ok, why = aio_available("/dev/shm")
+    monkeypatch.setattr(os, "open", no_direct)
+    ok, why = aio_available(tmp_path)
     assert not ok and "O_DIRECT" in why and "--io mmap" in why
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
 
 
 def test_piece_bytes_fits_the_locked_memory_limit():
