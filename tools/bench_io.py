@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -90,7 +91,8 @@ def bench_backend(io: str, d: Path, shape: tuple[int, int, int], batch: int, chu
         phase("train epoch (read both)", train_epoch, 2 * S, 0),
         phase("quant update (read+write)", lambda: update_in_place(qs, lambda c: c, chunk, None, "q"), S, S),
     ]
-    rows.append({"phase": "block total", **{k: sum(r[k] for r in rows) for k in ("seconds", "cpu_seconds", "read", "written")},
+    summed = {k: sum(r[k] for r in rows) for k in ("seconds", "cpu_seconds", "read", "written")}
+    rows.append({"phase": "block total", **summed,
                  "cache_dropped": all(r["cache_dropped"] for r in rows)})
     for r in rows:
         r["backend"] = io
@@ -103,13 +105,14 @@ def bench_backend(io: str, d: Path, shape: tuple[int, int, int], batch: int, chu
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, required=True, help="a directory on the disk to measure (files are deleted after)")
+    p.add_argument("--dir", type=Path, required=True, help="a directory on the disk to measure")
     p.add_argument("--samples", type=int, default=96, help="N: calibration samples per stream")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=4096, help="H (4096: Llama-2-7B; 16 MiB per fp16 sample)")
     p.add_argument("--batch", type=int, default=2, help="samples per training read (block_ap.batch_size)")
     p.add_argument("--chunk-mb", type=float, default=64, help="offload.chunk_mb of the in-place updates")
-    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--repeat", type=int, default=1, help="runs per backend, alternating; medians shown")
+    p.add_argument("--json", type=Path, help="write the results (every run) here")
     args = p.parse_args(argv)
     shape = (args.samples, args.seqlen, args.hidden)
     nbytes = shape[0] * shape[1] * shape[2] * 2
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     before = raw_bandwidth(args.dir / "raw_dd.bin", nbytes)
-    rows = [r for io in backends for r in bench_backend(io, args.dir, shape, args.batch, args.chunk_mb)]
+    order = [io for k in range(args.repeat) for io in (backends if k % 2 == 0 else backends[::-1])]
+    rows = [r for io in order for r in bench_backend(io, args.dir, shape, args.batch, args.chunk_mb)]
     after = raw_bandwidth(args.dir / "raw_dd.bin", nbytes)
     raw = {k: (before[k] + after[k]) / 2 for k in before}
     rows = [score(r, raw) for r in rows]
@@ -133,13 +137,18 @@ def main(argv: list[str] | None = None) -> int:
           f"read {before['read_gbs']:.3f} / {after['read_gbs']:.3f} GB/s (before / after)")
     print(f"streams: 2 x {shape} fp16 = 2 x {nbytes / 2**30:.2f} GiB, batch {args.batch}, chunk {args.chunk_mb:g} MiB")
     print(f"{'backend':8} {'phase':28} {'GB':>6} {'s':>7} {'GB/s':>7} {'vs raw':>7} {'CPU s':>7}")
-    for r in rows:
-        print(f"{r['backend']:8} {r['phase']:28} {r['gbytes']:6.2f} {r['seconds']:7.2f} {r['gbs']:7.3f} "
-              f"{r['vs_raw']:7.2f} {r['cpu_seconds']:7.2f}")
+    for io in backends:
+        for name in dict.fromkeys(r["phase"] for r in rows):
+            runs = [r for r in rows if r["backend"] == io and r["phase"] == name]
+            med = {k: statistics.median(r[k] for r in runs)
+                   for k in ("gbytes", "seconds", "gbs", "vs_raw", "cpu_seconds")}
+            print(f"{io:8} {name:28} {med['gbytes']:6.2f} {med['seconds']:7.2f} {med['gbs']:7.3f} "
+                  f"{med['vs_raw']:7.2f} {med['cpu_seconds']:7.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"shape": shape, "batch": args.batch, "chunk_mb": args.chunk_mb,
-                                         "raw_before": before, "raw_after": after, "raw_mean": raw, "rows": rows,
-                                         "aio": ok or why, "wall_seconds": time.time() - t0}, indent=2) + "\n")
+        result = {"shape": shape, "batch": args.batch, "chunk_mb": args.chunk_mb, "repeat": args.repeat,
+                  "raw_before": before, "raw_after": after, "raw_mean": raw, "rows": rows, "aio": ok or why,
+                  "wall_seconds": time.time() - t0}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -239,7 +239,7 @@ def run_e2e_qp(
 ) -> dict:
     """Train the scales of the Block-AP run ``run_dir`` on ``data`` = (input_ids, labels) [N, L]; write ``out``.
 
-    ``ds_config`` (not None): train data parallel on DeepSpeed, on the processes a launcher started (or on
+    ``ds_config`` (None or False: off): train data parallel on DeepSpeed, on the processes a launcher started (or on
     this one): True for the config made from ``cfg`` (:func:`frugal_qat.distributed.default_ds_config`), a JSON
     file or dict to merge over it. Each rank computes micro-batches r, r+N, ... of every step, so the global
     batch is the single-process one; rank 0 alone writes ``out``; the resolved config is in
@@ -248,8 +248,9 @@ def run_e2e_qp(
     t_start = time.time()
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     e = cfg.e2e_qp
-    check_launch()
+    ds_config = None if ds_config is False else ds_config
     rank, world = init_from_env(required=True) if ds_config is not None else (0, 1)
+    check_launch()
     device = local_device(device)
     should_stop = agreed(should_stop)
     ds_cfg = None
@@ -312,6 +313,12 @@ def run_e2e_qp(
 
         # The optimizer stays ours: DeepSpeed partitions its state and steps it; lr is still set on its groups.
         engine, *_ = deepspeed.initialize(model=ScalesLoss(model, e.logits_chunk), optimizer=optimizer, config=ds_cfg)
+        sizes = [p.numel() for p in scales.values()]
+        if ds_run["zero_stage"] and "8bit" in type(optimizer).__name__ and (
+                any(n % 256 for n in sizes) or sum(sizes) % (256 * world)):
+            log.info("ZeRO-%d flattens the scales, and some do not fill whole 256-element blocks of the 8-bit "
+                     "optimizer state: its rounding differs slightly from a single process's; ZeRO stage 0 "
+                     "reproduces the single-process run exactly", ds_run["zero_stage"])
 
     per_step = e.batch_size * e.grad_accum
     steps_per_epoch = e.train_size // per_step
@@ -319,7 +326,7 @@ def run_e2e_qp(
     lr = e.resolved_lr(src.quant["bits"])
     step = 0
     tag = m.extra.get("deepspeed_tag")
-    if engine is not None and tag:
+    if engine is not None and tag and m.progress.stage != "done":
         path, client = engine.load_checkpoint(str(ds_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:
             raise CorruptCheckpoint(f"DeepSpeed checkpoint {ds_dir / tag} is missing; start over with --restart")
@@ -391,8 +398,9 @@ def run_e2e_qp(
                 # Every rank writes its partition under a new tag; the manifest names the tag only once all are
                 # written, so a kill mid-save leaves the previous tag the valid one.
                 m.extra["deepspeed_tag"] = f"step{step}"
+                # exclude_frozen_parameters: the embeddings, norms and lm_head are the input run's, not state
                 engine.save_checkpoint(str(ds_dir), tag=m.extra["deepspeed_tag"], client_state={"step": step},
-                                       save_latest=False)
+                                       save_latest=False, exclude_frozen_parameters=True)
                 barrier()
             m.progress = Progress(block=step, stage="train" if step < total else "finalize")
             if rank == 0:

@@ -80,6 +80,10 @@ def read_bitstream(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     (GPTQ's and compressed-tensors' 3-bit layout).
     """
     u = words.to(torch.int64) & 0xFFFFFFFF  # int32 words read as unsigned
+    if 32 % bits == 0:  # no value straddles a word: word w holds values w*(32/b) ... in its bits 0, b, 2b, ...
+        per_word = 32 // bits
+        shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
+        return ((u.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1, u.shape[1])[:k]
     start = torch.arange(k, dtype=torch.int64) * bits
     word, shift = start // 32, (start % 32).unsqueeze(1)
     lo = u[word] >> shift
@@ -100,20 +104,20 @@ def dense_linear(tensors: dict[str, torch.Tensor], fmt: str, quant: dict[str, An
         g_idx = tensors["g_idx"].long()
         scales = tensors["scales"].float()  # [G, out]
         n_in, n_out = g_idx.numel(), scales.shape[1]
-        q = read_bitstream(tensors["qweight"], bits, n_in)  # [in, out]
-        z = read_bitstream(tensors["qzeros"].t(), bits, n_out).t()  # [G, out]
+        q = read_bitstream(tensors["qweight"], bits, n_in).float()  # [in, out]; small integers, exact in fp32
+        z = read_bitstream(tensors["qzeros"].t(), bits, n_out).t().float()  # [G, out]
         if quant["checkpoint_format"] == "gptq":
             z = z + 1
-        return ((q - z[g_idx]).float() * scales[g_idx]).t().contiguous()
+        return ((q - z[g_idx]) * scales[g_idx]).t().contiguous()
     weights = quant["config_groups"]["group_0"]["weights"]
     bits = weights["num_bits"]
     n_out, n_in = (int(v) for v in tensors["weight_shape"])
     offset = 2 ** (bits - 1)
-    x_q = read_bitstream(tensors["weight_packed"].t(), bits, n_in).t() - offset  # [out, in]
-    zp = read_bitstream(tensors["weight_zero_point"], bits, n_out) - offset  # [out, G]
+    x_q = read_bitstream(tensors["weight_packed"].t(), bits, n_in).t().float() - offset  # [out, in]
+    zp = read_bitstream(tensors["weight_zero_point"], bits, n_out).float() - offset  # [out, G]
     g = n_in if weights["strategy"] == "channel" else weights["group_size"]
     col_group = torch.arange(n_in) // g
-    return (x_q - zp[:, col_group]).float() * tensors["weight_scale"].float()[:, col_group]
+    return (x_q - zp[:, col_group]) * tensors["weight_scale"].float()[:, col_group]
 
 
 def check_weights(run_dir: str | Path, out_dir: str | Path, fmt: str) -> dict[str, Any]:

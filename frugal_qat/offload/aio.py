@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from frugal_qat.checkpoint.store import kill_point
@@ -107,7 +108,8 @@ def aio_available(directory: str | Path | None = None) -> tuple[bool, str]:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            return False, f"the filesystem of {directory} does not support O_DIRECT; put the work dir on a disk or use --io mmap"
+            return False, (f"the filesystem of {directory} does not support O_DIRECT; put the work dir on a disk "
+                           "or use --io mmap")
     return True, ""
 
 
@@ -135,8 +137,8 @@ class AioStream:
     """A ``[N, L, H]`` array in a file, read and written by sample ranges with O_DIRECT through DeepSpeed async_io.
 
     Same interface and semantics as :class:`~frugal_qat.offload.activations.Stream`. Thread-safe: each read or
-    write holds the stream's lock while it uses the buffers (the prefetch thread reads chunk k+1 while the caller
-    writes chunk k); the lock is free while the caller computes.
+    write holds the stream's lock while it uses the buffers and the handle (the prefetch thread reads chunk k+1
+    while the caller writes chunk k); the lock is free while the caller computes.
     """
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int], create: bool = False, dtype=torch.float16,
@@ -164,34 +166,40 @@ class AioStream:
         self._name = str(self.path)
         self._direct_end = self.nbytes - self.nbytes % ALIGN  # past this, a partial block: pread/pwrite
         self._fd = os.open(self.path, os.O_RDWR)  # buffered: the ragged tail and fdatasync
-        import contextlib; self._lock = contextlib.nullcontext()
+        self._lock = threading.Lock()
         # 1 MiB requests, 8 in flight: the settings measured on this machine (docs/IO.md); one piece fills the queue.
         self._handle = op.aio_handle(MiB, 8, False, True, 1)
         self._piece = piece
-        self._bufs = [self._handle.new_cpu_locked_tensor(self._piece, torch.empty(0, dtype=torch.uint8)) for _ in range(2)]
+        self._pending = False  # an async transfer was started and not waited for
+        self._bufs = [self._handle.new_cpu_locked_tensor(piece, torch.empty(0, dtype=torch.uint8)) for _ in range(2)]
+        self._views = [b.numpy() for b in self._bufs]  # the same memory, for numpy's copies
 
     def _bytes(self, start: int, stop: int) -> tuple[int, int]:
         per = self.sample_elems * self.itemsize
         return start * per, stop * per
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """A copy of samples [start, stop) as a tensor of the stream's dtype (``stop`` is clipped to N, as a slice is)."""
+        """A copy of samples [start, stop) in the stream's dtype; ``stop`` is clipped to N, as in a slice."""
         if start < 0 or stop < 0:
             raise ValueError(f"negative sample range [{start}, {stop}) of stream {self.path}")
         stop = min(stop, self.shape[0])
         start = min(start, stop)
-        out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
         lo, hi = self._bytes(start, stop)
+        if hi == lo:  # numpy gives an empty array stride 0, which torch cannot view as another dtype
+            return torch.empty(0, *self.shape[1:], dtype=self.dtype)
+        # numpy, not torch.empty: numpy asks for transparent huge pages, and faulting in a fresh 32 MiB buffer
+        # was 5x cheaper that way here (the copy into fresh memory, not the disk, bounds reads on 2 busy cores).
+        out = np.empty(hi - lo, dtype=np.uint8)
         with self._lock:
-            self._read_into(lo, hi, out.view(-1).view(torch.uint8))
-        return out
+            self._read_into(lo, hi, out)
+        return torch.from_numpy(out).view(self.dtype).reshape(stop - start, *self.shape[1:])
 
     def write(self, start: int, x: torch.Tensor) -> None:
         x = x.detach().to("cpu", self.dtype).contiguous()
         stop = start + x.shape[0]
         if tuple(x.shape[1:]) != self.shape[1:] or stop > self.shape[0] or start < 0:
             raise ValueError(f"cannot write {tuple(x.shape)} at {start} into stream {self.shape}")
-        raw = x.view(-1).view(torch.uint8)
+        raw = x.view(-1).view(torch.uint8).numpy()
         lo, hi = self._bytes(start, stop)
         mid = self._bytes(start, start + x.shape[0] // 2)[1]
         # Half the rows first: a kill between the two halves is a torn chunk, the case the journal must repair.
@@ -213,7 +221,7 @@ class AioStream:
                 return
             for buf in self._bufs:
                 self._handle.free_cpu_locked_tensor(buf)
-            self._bufs = []
+            self._bufs = self._views = []
             self._handle = None  # its destructor stops DeepSpeed's I/O thread
             os.close(self._fd)
 
@@ -230,29 +238,38 @@ class AioStream:
 
     def _submit(self, fn, buf: torch.Tensor, offset: int) -> None:
         if fn(buf, self._name, offset) != 0:  # -1: the file could not be opened (DeepSpeed printed errno)
-            raise OSError(f"DeepSpeed async_io could not start a transfer of {buf.numel()} bytes at {offset} of {self.path}")
+            self._wait()  # an earlier piece may be in flight into our buffers; DeepSpeed aborts if a handle dies busy
+            raise OSError(f"DeepSpeed async_io could not start a transfer at byte {offset} of {self.path}")
+        self._pending = True
 
-    def _read_into(self, lo: int, hi: int, dst: torch.Tensor) -> None:
-        """Bytes [lo, hi) of the file into ``dst``: the aligned superset by O_DIRECT pieces, the ragged tail by pread."""
+    def _wait(self) -> None:
+        """Wait for the transfer in flight. The handle's ``wait`` collects every op it has: hence one user at a time."""
+        if self._pending:
+            self._handle.wait()
+            self._pending = False
+
+    def _read_into(self, lo: int, hi: int, dst: np.ndarray) -> None:
+        """Bytes [lo, hi) of the file into ``dst``: the aligned superset in O_DIRECT pieces, the tail by pread."""
         a_lo, a_hi = lo - lo % ALIGN, min(_up(hi), self._direct_end)
         pieces = self._pieces(a_lo, a_hi) if a_hi > a_lo else []
         if pieces:
             self._submit(self._handle.async_pread, self._bufs[0][: pieces[0][1] - a_lo], a_lo)
         for i, (p_lo, p_hi) in enumerate(pieces):
-            self._handle.wait()
+            self._wait()
             if i + 1 < len(pieces):  # the disk fills the other buffer while this one is copied out
                 n_lo, n_hi = pieces[i + 1]
                 self._submit(self._handle.async_pread, self._bufs[(i + 1) % 2][: n_hi - n_lo], n_lo)
             s, e = max(lo, p_lo), min(hi, p_hi)
-            dst[s - lo : e - lo].copy_(self._bufs[i % 2][s - p_lo : e - p_lo])
+            dst[s - lo : e - lo] = self._views[i % 2][s - p_lo : e - p_lo]
         if hi > self._direct_end:
             t = max(lo, self._direct_end)
             tail = os.pread(self._fd, hi - t, t)
             if len(tail) != hi - t:
-                raise CorruptCheckpoint(f"activation stream {self.path} is shorter than {hi} bytes; start over with --restart")
-            dst[t - lo :].copy_(torch.frombuffer(bytearray(tail), dtype=torch.uint8))
+                raise CorruptCheckpoint(f"activation stream {self.path} is shorter than {hi} bytes; "
+                                        "start over with --restart")
+            dst[t - lo :] = np.frombuffer(tail, dtype=np.uint8)
 
-    def _write_from(self, lo: int, hi: int, src: torch.Tensor) -> None:
+    def _write_from(self, lo: int, hi: int, src: np.ndarray) -> None:
         """``src`` into bytes [lo, hi) of the file, leaving every other byte as it was."""
         if hi <= lo:
             return
@@ -262,24 +279,21 @@ class AioStream:
         head = self._read_block(a_lo) if pieces and lo > a_lo else None
         tail = self._read_block(a_hi - ALIGN) if pieces and hi < a_hi else None
         for i, (p_lo, p_hi) in enumerate(pieces):
-            buf = self._bufs[i % 2][: p_hi - p_lo]  # piece i-2 used this buffer and is done: we waited for it
+            buf = self._views[i % 2][: p_hi - p_lo]  # piece i-2 used this buffer and is done: we waited for it
             if head is not None and p_lo == a_lo:
-                buf[:ALIGN].copy_(head)
+                buf[:ALIGN] = head
             if tail is not None and p_hi == a_hi:
-                buf[-ALIGN:].copy_(tail)
+                buf[-ALIGN:] = tail
             s, e = max(lo, p_lo), min(hi, p_hi)
-            buf[s - p_lo : e - p_lo].copy_(src[s - lo : e - lo])
-            if i:
-                self._handle.wait()  # piece i-1 is on disk; it was written while this one was filled
-            self._submit(self._handle.async_pwrite, buf, p_lo)
-        if pieces:
-            self._handle.wait()
+            buf[s - p_lo : e - p_lo] = src[s - lo : e - lo]
+            self._wait()  # piece i-1 is on disk; it was written while this one was filled
+            self._submit(self._handle.async_pwrite, self._bufs[i % 2][: p_hi - p_lo], p_lo)
+        self._wait()
         if hi > self._direct_end:
             t = max(lo, self._direct_end)
-            os.pwrite(self._fd, src[t - lo :].numpy().tobytes(), t)
+            os.pwrite(self._fd, src[t - lo :], t)
 
-    def _read_block(self, offset: int) -> torch.Tensor:
-        block = self._bufs[0][:ALIGN]
-        self._submit(self._handle.async_pread, block, offset)
-        self._handle.wait()
-        return block.clone()
+    def _read_block(self, offset: int) -> np.ndarray:
+        self._submit(self._handle.async_pread, self._bufs[0][:ALIGN], offset)
+        self._wait()
+        return self._views[0][:ALIGN].copy()

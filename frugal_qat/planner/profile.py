@@ -70,6 +70,11 @@ def reset_rss_hwm() -> bool:
     return True
 
 
+def _cpu_tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+            and not t.is_sparse]
+
+
 class LiveTensors(TorchDispatchMode):
     """Bytes of CPU tensor storages created by torch ops inside this mode and still alive, and their peak.
 
@@ -98,12 +103,13 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_sparse:
-                continue
+        # Views and in-place results share an input's storage: not an allocation, even when that input was
+        # made before the mode was entered.
+        inputs = {t.untyped_storage().data_ptr() for t in _cpu_tensors((args, kwargs))}
+        for t in _cpu_tensors(out):
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._live:
+            if nbytes == 0 or key in self._live or key in inputs:
                 continue
             token = object()
             self._live[key] = (nbytes, token)

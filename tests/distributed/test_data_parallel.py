@@ -173,6 +173,10 @@ def test_e2e_qp_on_deepspeed_resumes_after_a_kill(runs, tmp_path):
     _killed(_e2e, runs / "bap-1", out, True, point="manifest@3")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["extra"]["deepspeed_tag"] == "step1" and (out / "ds_checkpoint" / "step2").is_dir()
+    # An engine checkpoint is the scales and their optimizer state, not a copy of the frozen model.
+    states = torch.load(out / "ds_checkpoint" / "step1" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert len(states["module"]) == 14 and all(k.endswith(".scales") for k in states["module"])
+    assert states["frozen_param_fragments"] is None
     t = _spawn(_e2e, runs / "bap-1", out, True)
     print(f"\nresumed E2E-QP in {t:.1f} s")
     for f in sorted((runs / "e2e-2" / "blocks").iterdir()):
