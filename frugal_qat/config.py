@@ -141,9 +141,12 @@ class OffloadConfig:
     work_dir: str | None = None  # None: <out>/work
     chunk_mb: float = 64  # MiB per read/compute/write chunk of the activation streams
     device: str = "auto"  # auto | cpu | cuda
+    io: str = "auto"  # activation-stream backend: auto | aio (DeepSpeed async_io, O_DIRECT) | mmap (docs/IO.md)
 
     def problems(self) -> list[str]:
         out = []
+        if self.io not in ("auto", "aio", "mmap"):
+            out.append(f"offload.io={self.io!r}; choose auto, aio or mmap")
         if self.chunk_mb <= 0:
             out.append("offload.chunk_mb must be positive")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

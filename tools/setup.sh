@@ -35,4 +35,11 @@ fi
 import torch
 print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 PY
+# DeepSpeed's async_io op (the --io aio stream backend) needs libaio; build it once now (about 3 min on an idle
+# 2-core machine, cached under ~/.cache/torch_extensions) so no run or test pays for it later.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then
+  echo "setup: installing libaio-dev (DeepSpeed async_io)"
+  (apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null) || echo "setup: libaio-dev not installed; --io aio unavailable"
+fi
+DS_ACCELERATOR=cpu .venv/bin/python -c "from frugal_qat.offload.aio import aio_available; print('setup: DeepSpeed async_io:', aio_available())" 2>&1 | grep "setup:" || true
 touch "$STAMP"

@@ -38,6 +38,7 @@ RUN_FLAGS = {
     "ckpt_every": "block_ap.ckpt_every_steps",
     "work_dir": "offload.work_dir",
     "chunk_mb": "offload.chunk_mb",
+    "io": "offload.io",
     "device": "offload.device",
 }
 
@@ -267,6 +268,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="also checkpoint every K steps inside a block (default: epoch ends)")
     p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
     p.add_argument("--chunk-mb", type=float, help="MiB per stream read/write chunk")
+    p.add_argument("--io", choices=["auto", "aio", "mmap"], help="activation-stream I/O backend (docs/IO.md)")
     p.add_argument("--device", help="auto | cpu | cuda")
 
 

@@ -116,8 +116,9 @@ def dense_linear(tensors: dict[str, torch.Tensor], fmt: str, quant: dict[str, An
     x_q = read_bitstream(tensors["weight_packed"].t(), bits, n_in).t().float() - offset  # [out, in]
     zp = read_bitstream(tensors["weight_zero_point"], bits, n_out).float() - offset  # [out, G]
     g = n_in if weights["strategy"] == "channel" else weights["group_size"]
-    col_group = torch.arange(n_in) // g
-    return (x_q - zp[:, col_group]) * tensors["weight_scale"].float()[:, col_group]
+    # Groups are runs of g consecutive input columns (actorder null): view [out, in] as [out, G, g].
+    grouped = (x_q.view(n_out, n_in // g, g) - zp.unsqueeze(-1)) * tensors["weight_scale"].float().unsqueeze(-1)
+    return grouped.view(n_out, n_in)
 
 
 def check_weights(run_dir: str | Path, out_dir: str | Path, fmt: str) -> dict[str, Any]:

@@ -66,6 +66,8 @@ class Stream:
         return lo, hi - lo
 
     def _release(self, start: int, stop: int) -> None:
+        if stop <= start:
+            return
         lo, n = self._span(start, stop)
         self._mm.madvise(mmap.MADV_DONTNEED, lo, n)
 
