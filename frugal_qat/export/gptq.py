@@ -65,7 +65,7 @@ def export_gptq(src: ModelSource, out: Path, *, zero_point: str = "v2") -> dict[
         prefix = block_prefix(i)
         out_t = {}
         for key, t in raw.items():
-            _check_shape(prefix + key, t, raw, bits)
+            _check_shape(prefix, key, t, raw, bits)
             if key.endswith(".qzeros") and zero_point == "v1":
                 n_out = raw[key[: -len("qzeros")] + "scales"].shape[1]
                 zeros = unpack_rows(t.t(), bits, n_out).to(torch.int64)  # [out, G], all >= 1 (preflight)
@@ -99,7 +99,7 @@ def quantization_config(bits: int, group_size: int, checkpoint_format: str) -> d
         "format": checkpoint_format,
         "checkpoint_format": checkpoint_format,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"frugal_qat:{__version__}"], "uri": "https://github.com/frugal-qat/frugal-qat"},
+        "meta": {"quantizer": [f"frugal_qat:{__version__}"]},
     }
 
 
@@ -107,12 +107,12 @@ def _preflight(src: ModelSource, bits: int, zero_point: str) -> None:
     """Check every linear's packed shapes (and, for v1, that no z is 0), reading only the small tensors."""
     for i in range(src.n_layers):
         for name in linear_keys(i):
-            scales = src.store.get(f"{name}.scales", check_finite=True)
+            scales = src.store.get(f"{name}.scales")
             g_idx = src.store.get(f"{name}.g_idx").to(torch.int64)
             n_in, n_out = g_idx.numel(), scales.shape[1]
             g = n_in // scales.shape[0]
             if not torch.equal(g_idx, torch.arange(n_in) // g):
-                raise ConfigError(f"{name}: g_idx is not i // {g}; only desc_act=false runs can be exported")
+                raise CorruptCheckpoint(f"{name}: g_idx is not i // {g}; the run is damaged")
             for label, n in (("in_features", n_in), ("out_features", n_out)):
                 if n * bits % 32:
                     raise ConfigError(
@@ -129,15 +129,16 @@ def _preflight(src: ModelSource, bits: int, zero_point: str) -> None:
                     )
 
 
-def _check_shape(key: str, t: torch.Tensor, raw: dict[str, torch.Tensor], bits: int) -> None:
+def _check_shape(prefix: str, key: str, t: torch.Tensor, raw: dict[str, torch.Tensor], bits: int) -> None:
     """qweight is [in*b/32, out] and qzeros [G, out*b/32], as every GPTQ loader sizes them."""
-    base, _, kind = key.rpartition(".")
+    linear, _, kind = key.rpartition(".")
     if kind not in ("qweight", "qzeros"):
         return
-    rel = base.split(".", 3)[3]  # strip "model.layers.{i}."
-    scales, n_in = raw[f"{rel}.scales"], raw[f"{rel}.g_idx"].numel()
+    scales, n_in = raw[f"{linear}.scales"], raw[f"{linear}.g_idx"].numel()
     n_groups, n_out = scales.shape
     expected = (n_in * bits // 32, n_out) if kind == "qweight" else (n_groups, n_out * bits // 32)
     if tuple(t.shape) != expected:
-        raise CorruptCheckpoint(f"{key} has shape {tuple(t.shape)}, expected {list(expected)}; the run is damaged")
+        raise CorruptCheckpoint(
+            f"{prefix}{key} has shape {tuple(t.shape)}, expected {list(expected)}; the run is damaged"
+        )
 

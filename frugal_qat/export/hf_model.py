@@ -45,7 +45,7 @@ def load_quantized_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         block = {block_prefix(i) + k: v.to(dtype) for k, v in src.block_state(i).items()}
         _assign(model, block, f"block {i}")
         del block
-    extra = {EMBED_KEY: src.embed_weight().to(dtype), NORM_KEY: src.final_norm().weight.data.to(dtype)}
+    extra = {EMBED_KEY: src.embed_weight().to(dtype), NORM_KEY: src.store.get(NORM_KEY).to(dtype)}
     _assign(model, extra, "embeddings")
     if src.hf.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -5,7 +5,8 @@ Two checks, both recorded in the export report:
 1. ``weights`` (always; streamed one block at a time): every tensor of the export is decoded by a reader written
    from the format's specification, independently of frugal-qat's packer (``read_bitstream`` extracts value j
    from stream bits ``[j*b, j*b + b)``), and compared with the run's dequantized weights ``(q - z) * s`` in fp32.
-   GPTQ and compressed-tensors must match exactly (0.0); fp16 differs by the fp16 rounding of each weight.
+   GPTQ and compressed-tensors must match exactly (0.0, else the export fails as a bug); fp16 differs by the
+   fp16 rounding of each weight (0.0 with ``dtype="float32"``).
 2. ``logits``: the export loaded by the format's own library through transformers (GPTQ: optimum + gptqmodel;
    compressed-tensors: compressed-tensors; fp16: transformers alone) and frugal-qat's forward (the run as a
    transformers model, fp32) run on the same token windows: max abs logit difference and both perplexities.
@@ -146,7 +147,7 @@ def check_weights(run_dir: str | Path, out_dir: str | Path, fmt: str) -> dict[st
                 theirs = theirs_raw[key]
             compare(prefix + key, ours, theirs)
     compare(EMBED_KEY, src.embed_weight(), exp.get(EMBED_KEY))
-    compare(NORM_KEY, src.final_norm().weight.data, exp.get(NORM_KEY))
+    compare(NORM_KEY, src.store.get(NORM_KEY), exp.get(NORM_KEY))
     if exp.has(LM_HEAD_KEY):
         compare(LM_HEAD_KEY, src.lm_head_weight(), exp.get(LM_HEAD_KEY))
     return {"reader": "frugal_qat.export.verify (format specification)", "tensors": count,

@@ -42,6 +42,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the families frugal_qat
 BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)
 BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch pairs, depth=2)
 CHUNKS_AHEAD = 1  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
+TORCH_TILE_ROWS = 512  # quantizer/packed.py DEFAULT_TILE_ROWS: rows of W the CPU path dequantizes at a time
 # bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements; tensors of
 # at most 4096 elements keep fp32 states.
 BNB_BLOCK = 256
@@ -588,10 +589,12 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
                   f"tile*out*2 = {s.dequant_tile}*{big.out_features}*2"),
             _term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"),
         ]
-    else:
+    else:  # the torch path dequantizes TORCH_TILE_ROWS rows at a time, never a whole layer (measured: docs/MEMORY.md)
+        tile = TORCH_TILE_ROWS * max(lin.out_features for lin in shape.linears)
         dev += [
-            _term("dequantized largest layer (fp32)", 4 * big.numel, "in*out*4, one layer at a time"),
-            _term("scale-grad temporaries, largest layer", 2 * 4 * big.numel, "2*in*out*4: dL/dW and (q - z)"),
+            _term("dequantized tile of the widest layer (fp32)", 4 * tile,
+                  f"rows*out*4 = {TORCH_TILE_ROWS}*{tile // TORCH_TILE_ROWS}*4, one tile at a time"),
+            _term("scale-grad temporaries, one tile", 2 * 4 * tile, "2*rows*out*4: the tile's dL/dW and (q - z)"),
         ]
     host = [
         _term("Python + torch baseline", s.host_baseline, "measured RSS of an idle run"),

@@ -360,9 +360,10 @@ def plot_timeline(result: dict[str, Any], png: str | Path) -> None:
         if len(blocks) <= 40:
             ax.text(s["start"], top * 0.985, str(s["value"]), fontsize=7, color="gray", va="top", ha="left")
     key = "peak_cuda" if result["compare"] == "cuda" else "peak_rss"
-    for s in (s for s in segs if s["kind"] == "phase"):
+    for k, s in enumerate(s for s in segs if s["kind"] == "phase"):
         ax.axvline(s["start"], color="black", lw=1.2, zorder=2)
-        ax.text(s["start"], top * 0.94, f" {s['value']}", fontsize=9, va="top", ha="left", weight="bold")
+        ax.text(s["start"], top * (0.94 - 0.05 * (k % 2)), f" {s['value']}", fontsize=9, va="top", ha="left",
+                weight="bold")  # staggered: short phases would print their names on top of each other
         measured = (s[key] or 0) / GiB
         # the sampled instant nearest the exact peak, to place the dot
         inside = [(v, t) for t, v in zip(smp["t"], smp["cuda"] if key == "peak_cuda" else smp["rss"])

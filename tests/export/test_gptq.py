@@ -115,6 +115,7 @@ def test_refuses_shapes_gptq_loaders_cannot_read(runs, tmp_path):
         export_run(run, "gptq", tmp_path / "g", zero_point="v3", verify=False)
 
 
+@pytest.mark.slow  # about 10 s per case: GPTQModel loads and runs in fp16 on CPU
 @pytest.mark.skipif(not HAS_GPTQ_STACK, reason="gptqmodel/optimum not installed (see docs/EXPORT.md)")
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, 32), (4, -1), (8, -1)])
 def test_transformers_gptqmodel_loads_the_export(runs, tmp_path, bits, group):
