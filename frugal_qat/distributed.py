@@ -60,7 +60,8 @@ def init_from_env(required: bool = False) -> tuple[int, int]:
         if not required:
             return 0, 1
         # DeepSpeed's comm init reads these; a launcher would have set them.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
     # Named before DeepSpeed's first import, which otherwise guesses the accelerator and logs a warning on CPU.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")

@@ -44,7 +44,14 @@ def make_tokenizer(vocab_size: int = 128):
 def save_tiny_model(path: Path, arch: str = "llama", layers: int = 2, hidden: int = 64, intermediate: int = 128,
                     heads: int = 4, kv_heads: int = 2, vocab: int = 128, tie: bool = False, seed: int = 0) -> Path:
     """A random tiny model of the given family, saved sharded (several files + index) with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]

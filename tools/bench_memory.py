@@ -225,6 +225,7 @@ def worker_train(args, config: dict, prof) -> dict:
         step_times.append(time.perf_counter())
         print(f"  step {len(step_times)}: loss {loss:.4e}", flush=True)
         prof.mark("stage", f"step {len(step_times) + 1}" if len(step_times) < args.steps else "after steps")
+        prof.save()  # this run lives next to the OOM killer: keep what was measured so far
 
     prof.mark("stage", "step 1")
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ and ``chunked_lm_loss``. The wrappers only mark; arguments and results pass thro
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys

@@ -69,6 +69,7 @@ from frugal_qat.distributed import (
 )
 from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch
 from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
+from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner import PlanSettings, plan
@@ -270,7 +271,7 @@ def run_block_ap(
     paths = (work / "fp_stream.bin", work / "quant_stream.bin")
     if new_streams:
         on_rank0(lambda: [Stream(path, stream_shape, create=True).close() for path in paths])
-    fp, qs = (Stream(path, stream_shape) for path in paths)
+    fp, qs = (open_stream(path, stream_shape, io=cfg.offload.io) for path in paths)  # --io aio|mmap|auto
     # Each rank updates its own whole chunks of a stream, crash-safe through its own journal.
     rows = shard_rows(n_all, chunk, rank, world)
     journal = work / ("stream_journal.safetensors" if world == 1 else f"stream_journal.rank{rank}.safetensors")
@@ -419,7 +420,7 @@ def run_block_ap(
             return m
 
         m = on_rank0(save)
-        del block, linears, optimizer
+        block = linears = optimizer = None  # free block i now (not `del`: the closures above share these names)
         outer.set_postfix(val_mse=f"{result.val_mse[-1]:.3e}" if result.val_mse else "-", rss=f"{_rss() / 2**30:.2f}G")
         outer.update(1)
         if should_stop():

@@ -120,6 +120,7 @@ def cmd_block_ap(args) -> int:
 
     read_config(model)  # a missing/malformed model is reported before tokenizing anything
     windows = calibration_windows(model, cfg)
+    _init_distributed(args)
     stop = StopFlag()
     stop.install()
     summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop)
@@ -140,6 +141,7 @@ def cmd_resume(args) -> int:
         raise ConfigError(f"{run} is a {m.command} run; resume it with `frugal-qat {m.command}` and the same --out")
     cfg = from_dict(m.config)
     windows = load_tensors(run / "calib.safetensors")["windows"].long()
+    _init_distributed(args)
     stop = StopFlag()
     stop.install()
     summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop)
@@ -147,7 +149,22 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def _init_distributed(args) -> None:
+    if getattr(args, "deepspeed", False):
+        from frugal_qat.distributed import init_from_env
+
+        init_from_env()
+
+
+def _is_rank0() -> bool:
+    from frugal_qat.distributed import rank_world
+
+    return rank_world()[0] == 0
+
+
 def _print_summary(summary: dict, out: Path) -> None:
+    if not _is_rank0():
+        return
     blocks = summary["blocks"]
     last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
     print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
@@ -182,7 +199,9 @@ def cmd_e2e_qp(args) -> int:
     stop = StopFlag()
     stop.install()
     summary = run_e2e_qp(run, out, cfg, data, device=pick_device(cfg.offload.device), restart=args.restart,
-                         should_stop=stop)
+                         should_stop=stop, ds_config=args.deepspeed)
+    if not _is_rank0():
+        return 0
     losses = summary["losses"]
     print(f"E2E-QP: {summary['steps']} steps in {summary['seconds']:.1f} s with {summary['optimizer']}; "
           f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "E2E-QP: nothing to do")
@@ -302,17 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="frugal-qat", description="Memory-frugal EfficientQAT quantization.")
     ap.add_argument("--version", action="version", version=f"frugal-qat {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it first
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("block-ap", help="Block-AP: quantize a model block by block")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
     p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
     p.add_argument("--restart", action="store_true", help="delete an existing run in --out and start over")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="data parallel over the processes the deepspeed launcher (or torchrun) started")
     _add_run_flags(p)
     p.set_defaults(fn=cmd_block_ap)
 
     p = sub.add_parser("resume", help="resume an interrupted run from its directory")
     p.add_argument("run")
+    p.add_argument("--deepspeed", action="store_true", help="as for block-ap")
     p.set_defaults(fn=cmd_resume)
 
     p = sub.add_parser("e2e-qp", help="E2E-QP: train the step sizes end to end over the packed weights")
@@ -333,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-chunk", type=int, help="tokens per lm_head/loss chunk")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
+    p.add_argument("--deepspeed", nargs="?", const=True, metavar="CONFIG.json",
+                   help="data parallel on DeepSpeed ZeRO-2; a JSON merged over OUT/deepspeed_config.json")
     p.set_defaults(fn=cmd_e2e_qp)
 
     p = sub.add_parser("ppl", help="perplexity of a checkpoint or run directory, streamed block by block")
@@ -393,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)

@@ -36,7 +36,7 @@ def run_blocks(src: ModelSource, stream: Stream, device: torch.device, batch_siz
         block = src.block(i, state).to(device)
         del state
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
+        def apply(x: torch.Tensor, block: torch.nn.Module = block) -> torch.Tensor:
             outs = []
             for xb in x.split(batch_size):
                 xb = xb.to(device, torch.float32)
@@ -44,7 +44,7 @@ def run_blocks(src: ModelSource, stream: Stream, device: torch.device, batch_siz
             return torch.cat(outs)
 
         update_in_place(stream, apply, chunk, journal=None, tag=f"eval-{i}")
-        del block  # free this block before the next one is built
+        del block, apply  # free this block before the next one is built
         bar.update(1)
     bar.close()
 

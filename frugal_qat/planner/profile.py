@@ -191,11 +191,8 @@ class Profiler:
         self._close_interval()
         if self.live is not None:
             self.live.__exit__(exc_type, exc, tb)
-        self.result = self._build()
         # Written even when the run failed: the timeline of a run that ran out of memory is the one to look at.
-        if self.out_json:
-            self.out_json.parent.mkdir(parents=True, exist_ok=True)
-            self.out_json.write_text(json.dumps(self.result, indent=1) + "\n")
+        self.result = self.save()
         if self.out_png:
             plot_timeline(self.result, self.out_png)
         log.info("profile: peak RSS %.2f GiB over %.1f s%s", self.result["peak_rss"] / GiB, self.result["seconds"],
@@ -207,6 +204,15 @@ class Profiler:
         self._close_interval()
         self._marks.append({"t": self._now(), "kind": str(kind), "value": value})
         self._open_interval()
+
+    def save(self) -> dict[str, Any]:
+        """The result so far (peaks up to the last mark), written to ``out_json`` while the run goes on, so that a
+        run the OOM killer ends (SIGKILL: no ``__exit__``) still leaves its measurements."""
+        result = self._build()
+        if self.out_json:
+            self.out_json.parent.mkdir(parents=True, exist_ok=True)
+            self.out_json.write_text(json.dumps(result, indent=1) + "\n")
+        return result
 
     def end(self, kind: str) -> None:
         """Close the open segment of ``kind`` (and of the kinds below it) without opening another."""

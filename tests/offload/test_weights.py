@@ -6,7 +6,6 @@ from safetensors.torch import load_file, save_file
 
 from frugal_qat.errors import CorruptCheckpoint
 from frugal_qat.offload.weights import WeightStore
-from tests.conftest import save_tiny_model
 
 
 def test_reads_sharded_checkpoint_lazily(tiny_llama):
