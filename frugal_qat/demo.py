@@ -60,8 +60,33 @@ def run_demo(root: Path, wbits: int, group_size: int, recipe: Path | None = None
         ppl = _ppl(run, run / "ppl_heldout.json", device)
         rows.append({"method": f"{method} {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
                      "bytes": summary["output_bytes"], **ppl})
-    atomic_write_json(root / "demo_results.json", {"recipe": str(recipe), "eval": EVAL, "rows": rows})
+    gens = generations({"fp16": model, f"Block-AP {tag}": root / f"run-{tag}-block-ap"})
+    for r in rows:
+        r["generation"] = gens.get(r["method"])
+    atomic_write_json(root / "demo_results.json", {"recipe": str(recipe), "eval": EVAL, "prompt": PROMPT, "rows": rows})
     return rows
+
+
+PROMPT = "The Python tutorial explains that a list is"
+
+
+def generations(models: dict[str, Path], prompt: str = PROMPT, new_tokens: int = 24) -> dict[str, str]:
+    """Greedy continuations of one prompt by each model (a run directory loads as a transformers model)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from frugal_qat.export.hf_model import load_quantized_model
+
+    out = {}
+    for name, path in models.items():
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = load_quantized_model(path)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        out[name] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        del model
+    return out
 
 
 def format_table(rows: list[dict]) -> str:

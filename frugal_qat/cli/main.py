@@ -291,6 +291,12 @@ def cmd_demo(args) -> int:
     rows = run_demo(Path(args.dir), wbits=args.wbits, group_size=args.group_size, recipe=args.recipe, device=args.device)
     print()
     print(format_table(rows))
+    from frugal_qat.demo import PROMPT
+
+    print(f"\ngreedy continuation of {PROMPT!r}:")
+    for r in rows:
+        if r.get("generation") is not None:
+            print(f"  {r['method']:<16} ...{r['generation']!r}")
     print(f"results: {Path(args.dir) / 'demo_results.json'}")
     return 0
 

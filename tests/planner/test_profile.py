@@ -114,6 +114,22 @@ def test_json_and_png_are_written_even_when_the_run_fails(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+def test_save_writes_the_measurements_so_far_while_the_run_goes_on(tmp_path):
+    # a run killed by SIGKILL never reaches __exit__: what save() wrote is all that is left
+    with Profiler(tmp_path / "p.json", interval=0.01) as prof:
+        prof.mark("phase", "block_ap")
+        prof.mark("block", 0)
+        x = torch.ones(16 * MiB)  # 64 MiB: above glibc's largest mmap threshold, so fresh pages
+        prof.mark("block", 1)
+        del x
+        prof.save()
+        data = json.loads((tmp_path / "p.json").read_text())
+        assert [s["value"] for s in data["segments"] if s["kind"] == "block"] == [0, 1]
+        assert seg(data, "block", 0)["peak_rss"] >= data["samples"]["rss"][0] + 60 * MiB
+        prof.mark("block", 2)
+    assert [s["value"] for s in prof.result["segments"] if s["kind"] == "block"] == [0, 1, 2]
+
+
 def test_prediction_is_ram_on_cpu_and_device_memory_on_cuda_and_printed_beside_the_measurement():
     config = load_model_config("smollm2-135m")
     for device in ("cpu", "cuda"):
