@@ -151,9 +151,10 @@ def bench_iowait(args) -> None:
     # The demo's calibration windows are cached by fingerprint: tokenize first, so the cold run reads only the model.
     cache = "warm (page cache kept: --no-drop)" if args.no_drop else drop_page_cache()
     s = block_ap(args.model, work / "run", work / "run.log", "--recipe", str(REPO / "recipes/demo.yaml"),
-                 *(["--epochs", str(args.epochs)] if args.epochs is not None else []))
+                 "--io", args.io, *(["--epochs", str(args.epochs)] if args.epochs is not None else []))
     blocks = sum(b["seconds"] for b in s["blocks"])
-    row = {"model": str(args.model), "recipe": "recipes/demo.yaml", "epochs": args.epochs, "page_cache": cache,
+    row = {"model": str(args.model), "recipe": "recipes/demo.yaml", "epochs": args.epochs, "io": args.io,
+           "page_cache": cache,
            "seconds": s["seconds"], "block_seconds": round(blocks, 3), "io_wait_seconds": s["io_wait_seconds"],
            "share_of_wall": round(s["io_wait_seconds"] / s["seconds"], 5),
            "share_of_block_loop": round(s["io_wait_seconds"] / blocks, 5), "peak_rss_bytes": s["peak_rss_bytes"]}
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, default=SMOLLM2)
     p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
     p.add_argument("--no-drop", action="store_true", help="keep the page cache (a warm run)")
+    p.add_argument("--io", choices=["auto", "aio", "mmap"], default="auto", help="activation-stream backend")
     p.set_defaults(fn=bench_iowait)
 
     for name in ("block70b", "_worker"):

@@ -59,11 +59,12 @@ ROWS: list[Row] = [
     rtn(4),
     rtn(3),
     rtn(2),
-    Row("bap_w4_demo", DEMO, demo(4), "demo recipe: paper lrs (1e-5 / 1e-4), 32 x 256, 2 epochs"),
-    Row("bap_w3_demo", DEMO, demo(3), "demo recipe: paper lrs (1e-5 / 1e-4), 32 x 256, 2 epochs"),
-    Row("bap_w4_recipe", REPO / "recipes" / "smollm2_135m_w4g64.yaml", {}, "shipped recipe"),
-    Row("bap_w3_recipe", REPO / "recipes" / "smollm2_135m_w3g64.yaml", {}, "shipped recipe"),
-    Row("bap_w2_recipe", REPO / "recipes" / "smollm2_135m_w2g64.yaml", {}, "shipped recipe"),
+    # The demo budget (32 windows x 256 tokens, 2 epochs, batch 2: 32 steps per block) with the paper's lrs...
+    Row("bap_w4_paper", DEMO, demo(4), "demo recipe: paper lrs"),
+    Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
+    # ...and with learning rates sized for ~100 steps per block, not 4096 (single-block sweep: docs/QUALITY.md).
+    Row("bap_w4_lr", DEMO, demo(4, **{"block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}), "demo budget, larger lrs"),
+    Row("bap_w3_lr", DEMO, demo(3, **{"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3}), "demo budget, larger lrs"),
 ]
 
 

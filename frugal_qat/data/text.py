@@ -196,7 +196,8 @@ def source_fingerprint(source: str) -> str:
         path = demo_source_dir()  # the demo's text is whichever local corpus demo_texts() reads
     if not path.exists() and (hub := parse_hub_source(source)) is not None:
         return f"hub:{hub[0]}:{hub[1]}"
-    parts = [f"local:{path.resolve()}"]
+    # The source name leads: "demo" and "demo-heldout" read one directory but are different texts.
+    parts = [f"source:{source}", f"local:{path.resolve()}"]
     for file in source_files(path):
         st = file.stat()
         rel = file.relative_to(path) if path.is_dir() else file.name

@@ -171,7 +171,6 @@ class Profiler:
     # -- context ------------------------------------------------------------------------------------------------
 
     def __enter__(self) -> Profiler:
-        self.cuda = torch.cuda.is_available()
         self._t0 = time.perf_counter()
         self._exact_rss = reset_rss_hwm() and read_rss_hwm() is not None
         if self.cuda:

@@ -163,3 +163,10 @@ def _word_tokenizer(sentences):
         sentences, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"], show_progress=False)
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_demo_calibration_and_heldout_have_different_fingerprints():
+    """Both read the same corpus directory; a shared cache key would evaluate on calibration text."""
+    from frugal_qat.data.text import source_fingerprint
+
+    assert source_fingerprint("demo") != source_fingerprint("demo-heldout")
