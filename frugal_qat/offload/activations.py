@@ -39,19 +39,7 @@ class Stream:
     """A ``[N, L, H]`` fp16 array in a file, read and written by sample ranges through a shared memory map."""
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int], create: bool = False, dtype=torch.float16):
-        self.path = Path(path)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = dtype  # fp16 for the Block-AP streams; evaluation may keep fp32
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.sample_elems = self.shape[1] * self.shape[2]
-        self.nbytes = self.shape[0] * self.sample_elems * self.itemsize
-        if create:
-            _allocate(self.path, self.nbytes)
-        elif not self.path.is_file() or self.path.stat().st_size != self.nbytes:
-            raise CorruptCheckpoint(
-                f"activation stream {self.path} is missing or has the wrong size for shape {self.shape}; "
-                "the run directory is damaged: start over with --restart"
-            )
+        init_stream_file(self, path, shape, create, dtype)  # fp16 for the Block-AP streams; evaluation may keep fp32
         self._fd = os.open(self.path, os.O_RDWR)
         self._mm = mmap.mmap(self._fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._arr = np.frombuffer(self._mm, dtype={torch.float16: np.float16, torch.float32: np.float32}[dtype])
@@ -106,6 +94,24 @@ class Stream:
             self.close()
         except Exception:  # interpreter shutdown: nothing left to release
             pass
+
+
+def init_stream_file(stream, path: str | Path, shape: tuple[int, int, int], create: bool, dtype) -> None:
+    """The file layout every stream backend shares: ``[N, L, H]`` samples of ``dtype``, row-major, no header.
+    Sets the geometry attributes, then allocates the file (``create``) or checks its size."""
+    stream.path = Path(path)
+    stream.shape = tuple(int(s) for s in shape)
+    stream.dtype = dtype
+    stream.itemsize = torch.empty((), dtype=dtype).element_size()
+    stream.sample_elems = stream.shape[1] * stream.shape[2]
+    stream.nbytes = stream.shape[0] * stream.sample_elems * stream.itemsize
+    if create:
+        _allocate(stream.path, stream.nbytes)
+    elif not stream.path.is_file() or stream.path.stat().st_size != stream.nbytes:
+        raise CorruptCheckpoint(
+            f"activation stream {stream.path} is missing or has the wrong size for shape {stream.shape}; "
+            "the run directory is damaged: start over with --restart"
+        )
 
 
 def _allocate(path: Path, nbytes: int) -> None:

@@ -37,7 +37,7 @@ import torch
 
 from frugal_qat.checkpoint.store import kill_point
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
-from frugal_qat.offload.activations import Stream, _allocate
+from frugal_qat.offload.activations import Stream, init_stream_file
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +150,7 @@ class AioStream:
         if piece <= 0 or piece % ALIGN:
             raise ConfigError(f"async_io buffer size {piece} bytes is not a positive multiple of {ALIGN} "
                               "(is ulimit -l below 4 MiB?); raise ulimit -l or use --io mmap")
-        self.path = Path(path)
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = dtype
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.sample_elems = self.shape[1] * self.shape[2]
-        self.nbytes = self.shape[0] * self.sample_elems * self.itemsize
-        if create:
-            _allocate(self.path, self.nbytes)
-        elif not self.path.is_file() or self.path.stat().st_size != self.nbytes:
-            raise CorruptCheckpoint(
-                f"activation stream {self.path} is missing or has the wrong size for shape {self.shape}; "
-                "the run directory is damaged: start over with --restart"
-            )
+        init_stream_file(self, path, shape, create, dtype)
         self._name = str(self.path)
         self._direct_end = self.nbytes - self.nbytes % ALIGN  # past this, a partial block: pread/pwrite
         self._fd = os.open(self.path, os.O_RDWR)  # buffered: the ragged tail and fdatasync
