@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +49,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_from_env(required: bool = False) -> tuple[int, int]:
+def loopback_ifname() -> str:
+    """The network interface holding 127.0.0.1 (gloo is told to use it for single-machine groups)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
+def init_from_env(required: bool = False, timeout_s: float = 1800) -> tuple[int, int]:
     """Join the process group the launcher described in the environment; returns (rank, world size).
 
     Not launched: (0, 1) and no group, unless ``required`` (DeepSpeed's engine wants a group even alone), which
@@ -62,6 +73,8 @@ def init_from_env(required: bool = False) -> tuple[int, int]:
         # DeepSpeed's comm init reads these; a launcher would have set them.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+        # gloo otherwise binds the interface the host name resolves to, which a sandbox may not route
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_ifname())
     cuda = torch.cuda.is_available()
     # Named before DeepSpeed's first import, which otherwise guesses the accelerator and logs a warning on CPU.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -69,7 +82,8 @@ def init_from_env(required: bool = False) -> tuple[int, int]:
 
     if cuda:
         torch.cuda.set_device(local_rank())
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    # timeout_s: how long a collective (and joining) waits for a missing rank before failing instead of hanging
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     log.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return dist.get_rank(), dist.get_world_size()
 

@@ -41,5 +41,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >
   echo "setup: installing libaio-dev (DeepSpeed async_io)"
   (apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null) || echo "setup: libaio-dev not installed; --io aio unavailable"
 fi
-DS_ACCELERATOR=cpu .venv/bin/python -c "from frugal_qat.offload.aio import aio_available; print('setup: DeepSpeed async_io:', aio_available())" 2>&1 | grep "setup:" || true
+# Bounded: a build that cannot finish must not hang the set-up (and CI) for hours; runs then fall back to mmap.
+DS_ACCELERATOR=cpu timeout 1200 .venv/bin/python -c "from frugal_qat.offload.aio import aio_available; print('setup: DeepSpeed async_io:', aio_available())" 2>&1 | grep "setup:" || true
 touch "$STAMP"

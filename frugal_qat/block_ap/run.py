@@ -73,6 +73,7 @@ from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner import PlanSettings, plan
+from frugal_qat.planner.profile import Mark, no_mark
 from frugal_qat.quantizer import resolve_group_size
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def run_block_ap(
     keep_work: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
+    mark: Mark = no_mark,
 ) -> dict:
     """Quantize ``model_dir`` into the run directory ``out``. ``windows`` [train+val, L]: calibration token ids.
 
@@ -223,6 +225,9 @@ def run_block_ap(
     rank trains on its share of every step's micro-batches (r, r+N, ...; it reads only those rows of the
     streams) and the gradients are summed across ranks, so every rank takes the single-process run's step; the
     stream updates are split by whole chunks; rank 0 alone writes the run directory.
+
+    ``mark(kind, value)`` is told where the run is (``"block", i`` and ``"stage", name``; value None closes the
+    kind): :class:`frugal_qat.planner.profile.Profiler.mark` splits its memory timeline there (``--profile``).
     """
     from frugal_qat.data.windows import fingerprint_windows
 
@@ -279,6 +284,8 @@ def run_block_ap(
     wait = WaitClock()
 
     if m.progress.stage == "embed":
+        mark("stage", "embed")
+
         def embed() -> None:
             emb = src.embed_weight()
             for s in range(0, n_all, chunk):
@@ -303,6 +310,7 @@ def run_block_ap(
 
     for i, state in prefetch(src.block_state, range(first, src.n_layers), depth=1, clock=wait):
         t_block = time.time()
+        mark("block", i)
         block = src.block(i, state).to(device)
         del state  # the prefetcher already reads block i+1; drop our copy of block i's raw tensors
 
@@ -315,6 +323,7 @@ def run_block_ap(
 
         # 4a. Targets: the full-precision block applied to the fp stream, in place.
         if m.progress.stage == "fp_update":
+            mark("stage", "fp update")
             update_in_place(fp_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-fp", clock=wait)
             kill_point("after_fp_update")
             m.progress.stage = "train"
@@ -360,6 +369,7 @@ def run_block_ap(
             on_rank0(lambda: save_train_checkpoint(ckpt, block.state_dict(), optimizer, step, metrics=asdict(result)))
 
         if m.progress.stage == "train":
+            mark("stage", "train")
             if start_step == 0:
                 result.val_mse.append(validate())  # the RTN starting point, to show what training bought
             total_steps = b.epochs * steps_per_epoch
@@ -389,6 +399,7 @@ def run_block_ap(
         # 4c. Freeze to exactly what is saved, and move the quant stream through the quantized block.
         freeze_block(block)
         if m.progress.stage == "q_update":
+            mark("stage", "quant update")
             update_in_place(qs_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-quant", clock=wait)
             kill_point("after_q_update")
             m.progress.stage = "save"
@@ -396,6 +407,7 @@ def run_block_ap(
 
         # 4d. Pack and save, then commit the block: from here on a resume starts at block i+1.
         def save() -> Manifest:
+            mark("stage", "save")
             packed = {}
             for name, lin in linears.items():
                 packed.update({f"{name}.{k}": v for k, v in lin.pack().items()})
@@ -426,6 +438,7 @@ def run_block_ap(
         if should_stop():
             raise Interrupted(f"stopped after block {i}; resume with: frugal-qat resume {out}")
     outer.close()
+    mark("block", None)
 
     # 5. Everything but the blocks, then the summary.
     fp.close()
@@ -434,6 +447,7 @@ def run_block_ap(
 
     def finish() -> dict:
         if m.progress.stage == "finalize":
+            mark("stage", "finalize")
             extra = extra_tensors(src.store.get, src.store.has, src.tied)
             write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size)
             m.progress.stage = "done"

@@ -7,12 +7,14 @@ line on stderr and exit status 2; ``--debug`` shows its traceback. This is the o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from frugal_qat import __version__
@@ -111,6 +113,37 @@ def _run_config(args, flags: dict[str, str] = RUN_FLAGS):
     return resolve(recipe, {flags[k]: getattr(args, k) for k in flags if hasattr(args, k)})
 
 
+@contextlib.contextmanager
+def _profiled(args, phase: str, plan_for: Callable[[], object], title: str):
+    """With ``--profile PREFIX``: run the body under the memory profiler (PREFIX.json, PREFIX.png) with the
+    planner's prediction beside each measured peak, and print the per-block table. Yields the run's ``mark``."""
+    from frugal_qat.planner.profile import Profiler, format_profile, no_mark, predicted_peaks
+
+    prefix = getattr(args, "profile", None)
+    if not prefix or not _is_rank0():
+        yield no_mark
+        return
+    prefix = Path(prefix)
+    with Profiler(prefix.with_suffix(".json"), prefix.with_suffix(".png"), prediction=predicted_peaks(plan_for()),
+                  title=title) as prof:
+        prof.mark("phase", phase)
+        yield prof.mark
+    print(format_profile(prof.result))
+    print(f"profile: {prefix.with_suffix('.json')}, {prefix.with_suffix('.png')}")
+
+
+def _block_ap_profile(args, model_dir: Path, cfg):
+    from frugal_qat.block_ap.run import pick_device, plan_settings
+    from frugal_qat.offload.weights import read_config
+    from frugal_qat.planner import plan
+
+    device = pick_device(cfg.offload.device)
+    q, d, b = cfg.quant, cfg.data, cfg.block_ap
+    return _profiled(args, "block_ap", lambda: plan(read_config(model_dir), plan_settings(cfg, device), phases=("block_ap",)),
+                     f"block-ap {model_dir.name}: w{q.wbits}g{q.group_size}, {d.train_size}x{d.seqlen} windows, "
+                     f"{b.epochs} epochs, batch {b.batch_size}, {device.type}")
+
+
 def cmd_block_ap(args) -> int:
     from frugal_qat.block_ap.run import run_block_ap
 
@@ -123,7 +156,8 @@ def cmd_block_ap(args) -> int:
     _init_distributed(args)
     stop = StopFlag()
     stop.install()
-    summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop)
+    with _block_ap_profile(args, model, cfg) as mark:
+        summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop, mark=mark)
     _print_summary(summary, Path(args.out))
     return 0
 
@@ -144,7 +178,8 @@ def cmd_resume(args) -> int:
     _init_distributed(args)
     stop = StopFlag()
     stop.install()
-    summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop)
+    with _block_ap_profile(args, Path(m.model["path"]), cfg) as mark:
+        summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop, mark=mark)
     _print_summary(summary, run)
     return 0
 
@@ -178,7 +213,10 @@ def _print_summary(summary: dict, out: Path) -> None:
 def cmd_e2e_qp(args) -> int:
     from frugal_qat.block_ap.run import pick_device
     from frugal_qat.checkpoint.state import load_manifest
-    from frugal_qat.e2e_qp.run import alpaca_examples, run_e2e_qp
+    from frugal_qat.checkpoint.run_dir import read_quant_config
+    from frugal_qat.e2e_qp.run import alpaca_examples, plan_settings, run_e2e_qp
+    from frugal_qat.offload.weights import read_config
+    from frugal_qat.planner import plan
 
     cfg = _run_config(args, E2E_FLAGS)
     run = Path(args.run)
@@ -198,8 +236,17 @@ def cmd_e2e_qp(args) -> int:
     out = Path(args.out) if args.out else run.with_name(run.name + "-e2e")
     stop = StopFlag()
     stop.install()
-    summary = run_e2e_qp(run, out, cfg, data, device=pick_device(cfg.offload.device), restart=args.restart,
-                         should_stop=stop, ds_config=args.deepspeed)
+    device = pick_device(cfg.offload.device)
+    quant = read_quant_config(run)
+
+    def plan_for():
+        return plan(read_config(run), plan_settings(cfg, quant["bits"], quant["group_size"], device), phases=("e2e_qp",))
+
+    title = (f"e2e-qp {run.name}: {e.train_size}x{e.seqlen} tokens, batch {e.batch_size} x accumulation "
+             f"{e.grad_accum}, {device.type}")
+    with _profiled(args, "e2e_qp", plan_for, title) as mark:
+        summary = run_e2e_qp(run, out, cfg, data, device=device, restart=args.restart, should_stop=stop,
+                             ds_config=args.deepspeed, mark=mark)
     if not _is_rank0():
         return 0
     losses = summary["losses"]
@@ -336,12 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="delete an existing run in --out and start over")
     p.add_argument("--deepspeed", action="store_true",
                    help="data parallel over the processes the deepspeed launcher (or torchrun) started")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="profile memory: PREFIX.json + PREFIX.png timeline, planner beside each peak (docs/MEMORY.md)")
     _add_run_flags(p)
     p.set_defaults(fn=cmd_block_ap)
 
     p = sub.add_parser("resume", help="resume an interrupted run from its directory")
     p.add_argument("run")
     p.add_argument("--deepspeed", action="store_true", help="as for block-ap")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="profile memory: PREFIX.json + PREFIX.png timeline, planner beside each peak (docs/MEMORY.md)")
     p.set_defaults(fn=cmd_resume)
 
     p = sub.add_parser("e2e-qp", help="E2E-QP: train the step sizes end to end over the packed weights")
@@ -364,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--deepspeed", nargs="?", const=True, metavar="CONFIG.json",
                    help="data parallel on DeepSpeed ZeRO-2; a JSON merged over OUT/deepspeed_config.json")
+    p.add_argument("--profile", metavar="PREFIX",
+                   help="profile memory: PREFIX.json + PREFIX.png timeline, planner beside each peak (docs/MEMORY.md)")
     p.set_defaults(fn=cmd_e2e_qp)
 
     p = sub.add_parser("ppl", help="perplexity of a checkpoint or run directory, streamed block by block")

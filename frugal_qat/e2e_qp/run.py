@@ -50,6 +50,8 @@ from frugal_qat.distributed import (
 )
 from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.blocks import ModelSource
+from frugal_qat.planner import PlanSettings
+from frugal_qat.planner.profile import Mark, no_mark
 from frugal_qat.quantizer.packed import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,14 @@ def full_fp32(p: nn.Parameter) -> torch.Tensor:
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
+def plan_settings(cfg: RunConfig, wbits: int, group_size: int, device: torch.device) -> PlanSettings:
+    """The planner's view of an E2E-QP run on a run directory quantized to ``wbits``/``group_size``."""
+    e = cfg.e2e_qp
+    return PlanSettings(wbits=wbits, group_size=group_size, e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size,
+                        grad_accum=e.grad_accum, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
+                        logits_chunk=e.logits_chunk, device=device.type)
+
+
 def run_e2e_qp(
     run_dir: str | Path,
     out: str | Path,
@@ -236,6 +246,7 @@ def run_e2e_qp(
     should_stop: Callable[[], bool] = lambda: False,
     show_progress: bool = True,
     ds_config: str | Path | dict | bool | None = None,
+    mark: Mark = no_mark,
 ) -> dict:
     """Train the scales of the Block-AP run ``run_dir`` on ``data`` = (input_ids, labels) [N, L]; write ``out``.
 
@@ -243,7 +254,8 @@ def run_e2e_qp(
     this one): True for the config made from ``cfg`` (:func:`frugal_qat.distributed.default_ds_config`), a JSON
     file or dict to merge over it. Each rank computes micro-batches r, r+N, ... of every step, so the global
     batch is the single-process one; rank 0 alone writes ``out``; the resolved config is in
-    ``out/deepspeed_config.json``.
+    ``out/deepspeed_config.json``. ``mark``: where the run is, for the profiler (as in
+    :func:`frugal_qat.block_ap.run.run_block_ap`): stages "build model", "step k", "write".
     """
     t_start = time.time()
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
@@ -260,6 +272,7 @@ def run_e2e_qp(
         raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
+    mark("stage", "build model")
     model, src = build_packed_model(run_dir, device)
     ids, labels = data
     source = {"path": str(run_dir), "fingerprint": src.store.fingerprint()}
@@ -349,6 +362,7 @@ def run_e2e_qp(
     t_train, tokens_seen = time.time(), 0
     while step < total and m.progress.stage == "train":
         epoch, k = divmod(step, steps_per_epoch)
+        mark("stage", f"step {step + 1}")
         rows = order(epoch)[k * per_step : (k + 1) * per_step]
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, total, lr, e.warmup_ratio)
@@ -419,6 +433,7 @@ def run_e2e_qp(
 
     def finish() -> dict:
         if m.progress.stage == "finalize":
+            mark("stage", "write")
             for i in range(src.n_layers):
                 tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
                 for name in LINEAR_NAMES:

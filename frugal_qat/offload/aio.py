@@ -29,6 +29,7 @@ import os
 import resource
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 IO_CHOICES = ("auto", "aio", "mmap")
 ALIGN = 4096
+STALE_LOCK_S = 30 * 60  # a JIT build of async_io takes ~3 min on 2 cores; 10x that has no live owner
 MiB = 2**20
 _FIX = "apt-get install -y libaio-dev (DeepSpeed async_io needs libaio's headers and .so), or use --io mmap"
 
@@ -61,12 +63,37 @@ def _load_op() -> tuple[Any, str]:
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):
         return None, f"DeepSpeed async_io cannot be built here: {_FIX}"
+    clear_stale_build_locks()
     log.info("loading DeepSpeed async_io; its first use JIT-builds it (about 3 min on 2 cores, cached in "
              "TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
     try:
         return builder.load(verbose=False), ""
     except Exception as e:  # compiler and loader failures come in many types; all mean "not available"
         return None, f"building DeepSpeed async_io failed ({type(e).__name__}: {e}); {_FIX}"
+
+
+def clear_stale_build_locks(root: str | Path | None = None, max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Delete torch extension build locks older than ``max_age_s``; returns the ones deleted.
+
+    torch's JIT build takes a ``lock`` file in the op's build directory and every other process waits, forever,
+    until it is gone. A build killed midway (a session or a CI job ended, a timeout) leaves it behind, and then
+    every later ``--io aio|auto`` run hangs in its first stream open. A build takes minutes, so a lock far older
+    than that has no live owner. ``root``: TORCH_EXTENSIONS_DIR, or torch's default build root.
+    """
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    for lock in Path(root).glob("**/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed a stale torch extension build lock (%s, left by a build that was killed)", lock)
+        except FileNotFoundError:  # its build just finished
+            pass
+    return removed
 
 
 def piece_bytes(memlock_limit: int | None, want: int = 8 * MiB) -> int:

@@ -43,10 +43,8 @@ BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth
 BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch pairs, depth=2)
 CHUNKS_AHEAD = 1  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
 TORCH_TILE_ROWS = 512  # quantizer/packed.py DEFAULT_TILE_ROWS: rows of W the CPU path dequantizes at a time
-# bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements; tensors of
-# at most 4096 elements keep fp32 states.
+# bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements.
 BNB_BLOCK = 256
-BNB_MIN_8BIT = 4096
 
 _UNITS = {
     "": 1, "b": 1,
@@ -220,8 +218,9 @@ class PlanSettings:
     accumulation 8, 1 epoch) on an A100-80GB (312 TFLOP/s bf16 at 40 % utilisation) with an NVMe disk (2 GB/s).
     ``cpu_tflops`` is the effective fp32 throughput measured on our 2-core CPUs (a 50.6 M-parameter layer,
     forward+backward on 1024 tokens in 2.0 s). ``cuda_reserve``: CUDA context, cuBLAS workspace and allocator
-    slack, which ``torch.cuda.max_memory_allocated`` does not see. ``host_baseline``: Python + torch + libraries,
-    measured at about 400 MiB RSS.
+    slack, which ``torch.cuda.max_memory_allocated`` does not see. ``host_baseline``: the RSS of a run that is not
+    its tensors (Python, torch, transformers' model code, tokenizer, allocator arenas): 0.72-0.80 GiB measured in
+    Block-AP and E2E-QP runs on CPU (docs/MEMORY.md).
     """
 
     wbits: int
@@ -246,7 +245,7 @@ class PlanSettings:
     cpu_mem: int | None = None
     disk_free: int | None = None
     chunk_mb: float = 64
-    host_baseline: int = 400 * MiB
+    host_baseline: int = 800 * MiB
     cuda_reserve: int = 1 * GiB
     gpu_tflops: float = 312.0
     gpu_util: float = 0.4
@@ -455,9 +454,8 @@ def packed_model_bytes(shape: ModelShape, wbits: int, group_size: int) -> int:
 
 
 def _adam8bit_bytes(numel: int) -> int:
-    """Two bitsandbytes 8-bit states: 1 byte each + an fp32 absmax per 256 elements; fp32 states if <= 4096."""
-    if numel <= BNB_MIN_8BIT:
-        return 8 * numel
+    """Two bitsandbytes 8-bit states: 1 byte each + an fp32 absmax per 256 elements. E2E-QP makes its optimizer
+    with ``min_8bit_size=1`` (e2e_qp/run.py), so even tensors under bitsandbytes' default 4096 elements are 8-bit."""
     return 2 * numel + 2 * 4 * math.ceil(numel / BNB_BLOCK)
 
 
@@ -518,7 +516,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         dev.append(_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"))
 
     host = [
-        _term("Python + torch baseline", s.host_baseline, "measured RSS of an idle run"),
+        _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P from the safetensors mmap"),
         _term("stream chunks in flight", (CHUNKS_AHEAD + 1 + 2 + 1) * chunk,
               f"6*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + their concatenation, "
@@ -573,7 +571,7 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("packed weights + zeros (int32)", packed, "n*sum(in*out*b/32 + in/g*out*b/32 words)*4"),
         _term("scales fp32 master", 4 * G, "4*G over all blocks"),
         _term("scale grads (fp32)", 4 * G, "4*G, accumulated over the micro-batches"),
-        _term("8-bit AdamW states", adam, f"2 B/scale + 2*4 B per {BNB_BLOCK} (fp32 states for tensors <= 4096)"),
+        _term("8-bit AdamW states", adam, f"2 B/scale + 2*4 B per {BNB_BLOCK} (min_8bit_size=1: every tensor 8-bit)"),
         _term("embeddings + lm_head + norms (frozen)", c * frozen, f"{c}*(V*H*{1 if shape.tied else 2} + norms)"),
         _term("checkpointed block inputs", (n + 1) * T * H * c, "(n+1)*T*H*c: one hidden state per block + the last"),
         _term("recompute: saved activations of one block", T * saved_bytes_per_token(shape, prof),
@@ -597,7 +595,7 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
             _term("scale-grad temporaries, one tile", 2 * 4 * tile, "2*rows*out*4: the tile's dL/dW and (q - z)"),
         ]
     host = [
-        _term("Python + torch baseline", s.host_baseline, "measured RSS of an idle run"),
+        _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("token batches", 2 * 2 * T * 8, "2 micro-batches of int64 inputs + labels"),
     ]
     disk = [
@@ -630,7 +628,7 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     if s.device == "cuda":
         dev.append(_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"))
     host = [
-        _term("Python + torch baseline", s.host_baseline, "measured RSS of an idle run"),
+        _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P"),
         _term("stream chunks in flight (fp32)", (CHUNKS_AHEAD + 1 + 2) * chunk,
               f"5*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + concatenation", "blocks"),

@@ -34,6 +34,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -42,6 +43,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
+
+Mark = Callable[[str, "str | int | None"], None]
+"""Where a run is: ``mark("block", 3)``, ``mark("stage", "train")``; value None closes that kind. The run loops
+take one (``Profiler.mark`` under ``--profile``, else :func:`no_mark`), so they need not know about profiling."""
+
+
+def no_mark(kind: str, value: str | int | None) -> None:
+    """The :data:`Mark` of a run that is not profiled."""
 
 GiB = 2**30
 KINDS = ("phase", "block", "stage")  # a mark closes the open segments of its own kind and of every kind below it
@@ -197,7 +206,7 @@ class Profiler:
         log.info("profile: peak RSS %.2f GiB over %.1f s%s", self.result["peak_rss"] / GiB, self.result["seconds"],
                  f"; written to {self.out_json}" if self.out_json else "")
 
-    def mark(self, kind: str, value: str | int) -> None:
+    def mark(self, kind: str, value: str | int | None) -> None:
         """Start a segment: ``mark("phase", "block_ap")``, ``mark("block", 3)``, ``mark("stage", "train")``."""
         self._sample()
         self._close_interval()
@@ -380,8 +389,9 @@ def plot_timeline(result: dict[str, Any], png: str | Path) -> None:
             planned = s["predicted"] / GiB
             ax.hlines(planned, s["start"], s["end"], colors="tab:red", linestyles="--", lw=1.2, zorder=3)
             text += f"\nplanned {planned:.2f} GiB ({(measured / planned - 1) * 100:+.1f} %)"
-        ax.annotate(text, (t_peak, measured), xytext=(6, 8), textcoords="offset points", fontsize=8,
-                    color="tab:red", zorder=5)
+        right = t_peak > 0.6 * result["seconds"]  # labels near the right edge go to the left of their dot
+        ax.annotate(text, (t_peak, measured), xytext=(-6 if right else 6, 8), textcoords="offset points", fontsize=8,
+                    color="tab:red", ha="right" if right else "left", zorder=5)
     ax.set_ylim(0, top)
     ax.set_xlim(0, result["seconds"])
     ax.set_xlabel("seconds")

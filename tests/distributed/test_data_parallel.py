@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from frugal_qat.config import resolve
+from frugal_qat.distributed import loopback_ifname
 from tests.conftest import save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -69,11 +70,12 @@ def _both(model, run, bap_out, e2e_out):
 
 def _worker(rank, port, job, args, env):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", **env)
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME=loopback_ifname(), **env)
     torch.set_num_threads(1)
     from frugal_qat.distributed import init_from_env
 
-    assert init_from_env() == (rank, WORLD)
+    # a rank that dies or a network that does not route fails the test in minutes instead of hanging CI
+    assert init_from_env(timeout_s=300) == (rank, WORLD)
     job(*args)
 
 

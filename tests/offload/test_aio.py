@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -233,3 +234,15 @@ def test_piece_bytes_fits_the_locked_memory_limit():
     assert piece_bytes(2**40) == 8 * 2**20
     assert piece_bytes(8 * 2**20) == 2 * 2**20  # the common 8 MiB default: two 2 MiB buffers
     assert piece_bytes(3 * 2**20) == 0  # too small: aio is reported unavailable
+
+
+def test_stale_build_locks_are_cleared_and_fresh_ones_kept(tmp_path):
+    # A build killed midway leaves its lock; torch then waits forever in every later process (this hung CI once).
+    stale, fresh = tmp_path / "py311_cpu" / "pin_memory" / "lock", tmp_path / "py311_cpu" / "async_io" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 2 * aio.STALE_LOCK_S
+    os.utime(stale, (old, old))
+    assert aio.clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists()  # a lock of a build going on now is left to its owner

@@ -148,3 +148,36 @@ def test_prediction_is_ram_on_cpu_and_device_memory_on_cuda_and_printed_beside_t
 def test_bad_interval_is_refused():
     with pytest.raises(ValueError, match="interval 0 must be positive"):
         Profiler(interval=0)
+
+
+def test_profile_flag_marks_every_block_and_stage_of_block_ap_and_e2e_qp(tmp_path, monkeypatch, capsys):
+    from frugal_qat.cli.main import main
+    from tests.conftest import CORPUS, save_tiny_model
+
+    monkeypatch.setenv("FRUGAL_QAT_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS * 20)
+    run, prof = tmp_path / "run", tmp_path / "prof" / "bap"
+    assert main(["block-ap", "--model", str(model), "--out", str(run), "--calib", str(calib), "--wbits", "2",
+                 "--group-size", "32", "--train-size", "4", "--val-size", "2", "--seqlen", "16", "--epochs", "1",
+                 "--device", "cpu", "--io", "mmap", "--profile", str(prof)]) == 0
+    r = json.loads(prof.with_suffix(".json").read_text())
+    assert prof.with_suffix(".png").stat().st_size > 10_000
+    kinds = {(s["kind"], s["value"]) for s in r["segments"]}
+    assert {("block", i) for i in range(3)} <= kinds
+    assert {("stage", v) for v in ("embed", "fp update", "train", "quant update", "save", "finalize")} <= kinds
+    (phase,) = [s for s in r["segments"] if s["kind"] == "phase"]
+    assert phase["value"] == "block_ap" and phase["predicted"] > 0  # the planner's figure sits beside the peak
+    # the "finalize" stage is outside every block
+    fin = next(s for s in r["segments"] if s["value"] == "finalize")
+    assert all(s["end"] <= fin["start"] + 1e-9 for s in r["segments"] if s["kind"] == "block")
+    assert "block_ap" in capsys.readouterr().out
+
+    e2e = tmp_path / "prof" / "e2e"
+    assert main(["e2e-qp", "--run", str(run), "--out", str(tmp_path / "run-e2e"), "--data", str(calib),
+                 "--seqlen", "16", "--train-size", "4", "--batch-size", "2", "--grad-accum", "1", "--epochs", "1",
+                 "--optimizer", "adamw", "--device", "cpu", "--profile", str(e2e)]) == 0
+    r = json.loads(e2e.with_suffix(".json").read_text())
+    values = [s["value"] for s in r["segments"] if s["kind"] == "stage"]
+    assert values == ["build model", "step 1", "step 2", "write"]
