@@ -31,18 +31,26 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "frugal_qat"]
+# mmap streams: the I/O backend does not change the numbers, and the default (auto -> DeepSpeed async_io) can
+# spend minutes JIT-building its op on a fresh machine, which would land in the first row's wall time.
+BLOCK_AP_ARGS = ["--device", "cpu", "--io", "mmap"]
 PPL_ARGS = ["--data", "demo-heldout", "--seqlen", "512", "--max-windows", "40", "--device", "cpu"]
 DEMO = REPO / "recipes" / "demo.yaml"
 
 
 @dataclass
 class Row:
-    """One configuration: ``recipe`` (None: the fp16 model itself) plus ``set`` = {"section.field": value}."""
+    """One configuration: ``recipe`` (None: the fp16 model itself) plus ``set`` = {"section.field": value}.
+
+    ``after``: the name of a Block-AP row; this row then runs E2E-QP (the recipe's ``e2e_qp`` section) on that
+    row's run directory, under ``--profile`` (the memory breakdown of docs/E2E_QP.md), instead of Block-AP.
+    """
 
     name: str
     recipe: Path | None
     set: dict = field(default_factory=dict)
     note: str = ""
+    after: str | None = None
 
 
 def rtn(bits: int) -> Row:
@@ -53,18 +61,31 @@ def demo(bits: int, **extra) -> dict:
     return {"quant.wbits": bits, **extra}
 
 
+def e2e(bits: int, lr: float, after: str) -> Row:
+    """E2E-QP sized for this CPU: 64 windows x 256 tokens of the calibration text, batch 4, 1 epoch (16 steps)."""
+    settings = {"quant.wbits": bits, "e2e_qp.data": "demo", "e2e_qp.seqlen": 256, "e2e_qp.train_size": 64,
+                "e2e_qp.batch_size": 4, "e2e_qp.grad_accum": 1, "e2e_qp.epochs": 1, "e2e_qp.lr": lr,
+                "e2e_qp.logits_chunk": 256}
+    return Row(f"e2e_w{bits}", DEMO, settings, f"E2E-QP after {after}", after=after)
+
+
 # The measured configurations, in the order they were run (docs/QUALITY.md discusses each).
 ROWS: list[Row] = [
     Row("fp16", None, note="the unquantized checkpoint"),
-    rtn(4),
     rtn(3),
+    rtn(4),
     rtn(2),
-    # The demo budget (32 windows x 256 tokens, 2 epochs, batch 2: 32 steps per block) with the paper's lrs...
-    Row("bap_w4_paper", DEMO, demo(4), "demo recipe: paper lrs"),
-    Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
-    # ...and with learning rates sized for ~100 steps per block, not 4096 (single-block sweep: docs/QUALITY.md).
-    Row("bap_w4_lr", DEMO, demo(4, **{"block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}), "demo budget, larger lrs"),
+    # The demo budget (32 windows x 256 tokens, 2 epochs, batch 2: 32 steps per block) with learning rates sized
+    # for ~32 steps per block, not the paper's 4096 (docs/QUALITY.md)...
     Row("bap_w3_lr", DEMO, demo(3, **{"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3}), "demo budget, larger lrs"),
+    Row("bap_w4_lr", DEMO, demo(4, **{"block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}), "demo budget, larger lrs"),
+    Row("bap_w2_lr", DEMO, demo(2, **{"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3}), "demo budget, larger lrs"),
+    # E2E-QP on top of the Block-AP rows (issue 4): only the step sizes train, on the LM loss.
+    e2e(3, 1e-4, "bap_w3_lr"),
+    e2e(2, 2e-4, "bap_w2_lr"),
+    # ...and the paper's learning rates at the same budget, for comparison.
+    Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
+    Row("bap_w4_paper", DEMO, demo(4), "demo recipe: paper lrs"),
 ]
 
 
@@ -102,18 +123,39 @@ def run_row(row: Row, root: Path, model: Path) -> dict:
         (d / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         res["recipe"] = recipe
         target = d / "run"
+        if row.after:
+            res.update(e2e_qp=run_e2e(root / row.after / "run", d), wbits=recipe["quant"]["wbits"])
+            res["ppl_s"], _ = run_cli(["ppl", "--model", str(target), "--json", str(d / "ppl.json"), *PPL_ARGS],
+                                      d / "ppl.log")
+            res["ppl"] = json.loads((d / "ppl.json").read_text())["ppl"]
+            (d / "result.json").write_text(json.dumps(res, indent=2) + "\n")
+            return res
         _, res["block_ap_cpu_s"] = run_cli(["block-ap", "--model", str(model), "--out", str(target),
-                                            "--recipe", str(d / "recipe.yaml"), "--device", "cpu"], d / "block_ap.log")
+                                            "--recipe", str(d / "recipe.yaml"), *BLOCK_AP_ARGS,
+                                            "--profile", str(d / "profile")], d / "block_ap.log")
         summary = json.loads((target / "summary.json").read_text())
+        (phase,) = [s for s in json.loads((d / "profile.json").read_text())["segments"] if s["kind"] == "phase"]
+        res["planned_ram_bytes"] = phase["predicted"]
         res.update(block_ap_s=summary["seconds"], peak_rss_bytes=summary["peak_rss_bytes"],
                    output_bytes=summary["output_bytes"], wbits=summary["wbits"],
                    last_val_mse=[b["val_mse"][-1] for b in summary["blocks"] if b["val_mse"]][-1])
     res["ppl_s"], _ = run_cli(["ppl", "--model", str(target), "--json", str(d / "ppl.json"), *PPL_ARGS], d / "ppl.log")
     res["ppl"] = json.loads((d / "ppl.json").read_text())["ppl"]
-    if target != model:
-        shutil.rmtree(target / "blocks", ignore_errors=True)  # keep the logs and summary, not 100 MB of weights
     (d / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def run_e2e(run: Path, d: Path) -> dict:
+    """E2E-QP on the Block-AP run ``run`` into ``d/run`` under the memory profiler; its figures for the result."""
+    if not (run / "summary.json").is_file():
+        raise RuntimeError(f"{run} is missing: run its Block-AP row first")
+    wall, cpu = run_cli(["e2e-qp", "--run", str(run), "--out", str(d / "run"), "--recipe", str(d / "recipe.yaml"),
+                         "--device", "cpu", "--profile", str(d / "profile")], d / "e2e_qp.log")
+    summary = json.loads((d / "run" / "summary.json").read_text())
+    prof = json.loads((d / "profile.json").read_text())
+    (phase,) = [s for s in prof["segments"] if s["kind"] == "phase"]
+    return {"wall_s": wall, "cpu_s": cpu, "steps": summary["steps"], "loss_first": summary["losses"][0],
+            "loss_last": summary["losses"][-1], "peak_rss_bytes": phase["peak_rss"], "planned_bytes": phase["predicted"]}
 
 
 def describe(res: dict) -> str:
@@ -121,6 +163,9 @@ def describe(res: dict) -> str:
     r = res.get("recipe")
     if r is None:
         return "-"
+    if "e2e_qp" in res:
+        e = r["e2e_qp"]
+        return f"E2E-QP {e['train_size']}x{e['seqlen']} b{e['batch_size']} ({res['e2e_qp']['steps']} st) lr {e['lr']:g}"
     d, b = r.get("data", {}), r.get("block_ap", {})
     if b.get("epochs", 2) == 0:
         return "RTN"
@@ -148,10 +193,12 @@ def table(results: list[dict]) -> str:
             gap = f"{(rtn_ppl[bits] - r['ppl']) / (rtn_ppl[bits] - fp):.0%}"
         lines.append(
             f"{r['name']:<16} {bits:>4} {describe(r):<52} {r['ppl']:>10.2f} {gap:>5} "
-            f"{r.get('block_ap_s', 0):>7.0f} {r.get('block_ap_cpu_s', 0):>7.0f} "
-            f"{r.get('peak_rss_bytes', 0) / 2**30:>7.2f} {r.get('output_bytes', 0) / 2**20:>6.1f}"
+            f"{r.get('block_ap_s', r.get('e2e_qp', {}).get('wall_s', 0)):>7.0f} "
+            f"{r.get('block_ap_cpu_s', r.get('e2e_qp', {}).get('cpu_s', 0)):>7.0f} "
+            f"{r.get('peak_rss_bytes', r.get('e2e_qp', {}).get('peak_rss_bytes', 0)) / 2**30:>7.2f} {r.get('output_bytes', 0) / 2**20:>6.1f}"
         )
-    lines.append("gap: share of the RTN -> fp16 perplexity gap closed; B-AP s: Block-AP wall time; CPU s: its CPU time")
+    lines.append("gap: share of the RTN -> fp16 perplexity gap closed; B-AP s: Block-AP (E2E-QP rows: E2E-QP) wall "
+                 "time; CPU s: its CPU time")
     return "\n".join(lines)
 
 

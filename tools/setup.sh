@@ -36,7 +36,7 @@ import torch
 print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 PY
 # DeepSpeed's async_io op (the --io aio stream backend) needs libaio; build it once now (about 3 min on an idle
-# 2-core machine, cached under ~/.cache/torch_extensions) so no run or test pays for it later.
+# 2-core machine, cached under .venv/torch_extensions) so no run or test pays for it later.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then
   echo "setup: installing libaio-dev (DeepSpeed async_io)"
   (apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null) || echo "setup: libaio-dev not installed; --io aio unavailable"

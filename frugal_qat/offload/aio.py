@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 IO_CHOICES = ("auto", "aio", "mmap")
 ALIGN = 4096
-STALE_LOCK_S = 30 * 60  # a JIT build of async_io takes ~3 min on 2 cores; 10x that has no live owner
+STALE_LOCK_S = 15 * 60  # a JIT build of async_io takes ~3 min on 2 cores; 5x that has no live owner
 MiB = 2**20
 _FIX = "apt-get install -y libaio-dev (DeepSpeed async_io needs libaio's headers and .so), or use --io mmap"
 
@@ -63,9 +64,13 @@ def _load_op() -> tuple[Any, str]:
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):
         return None, f"DeepSpeed async_io cannot be built here: {_FIX}"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        # Build into the virtual environment, not the user-wide cache: builds for other venvs (whose paths are
+        # baked into build.ninja) then neither rebuild over each other nor leave this one a lock to wait on.
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     clear_stale_build_locks()
-    log.info("loading DeepSpeed async_io; its first use JIT-builds it (about 3 min on 2 cores, cached in "
-             "TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)")
+    log.info("loading DeepSpeed async_io; its first use JIT-builds it (about 3 min on 2 cores, cached in %s)",
+             os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
     try:
         return builder.load(verbose=False), ""
     except Exception as e:  # compiler and loader failures come in many types; all mean "not available"
