@@ -349,7 +349,9 @@ def bench_block70b(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     config = block70b_config(args.scale)
     planned = block70b_planned(config, args)
-    measured = {}
+    out = args.out or work / "block70b.json"
+    # parts run separately (each needs its own quiet moment on a shared machine) add up in one file
+    measured = json.loads(out.read_text())["measured"] if out.is_file() else {}
     for part, phase in (("e2e", "e2e_qp"), ("train", "block_ap")):
         if part not in args.parts:
             continue
@@ -372,7 +374,7 @@ def bench_block70b(args) -> None:
             print(f"{phase:<10}{what:<28}{meas / GiB:14.2f}{plan_ / GiB:13.2f}{meas / plan_:11.3f}")
         print(f"{'':<10}by stage (live / RSS GiB): "
               + ", ".join(f"{s['value']} {s['peak_live'] / GiB:.2f}/{s['peak_rss'] / GiB:.2f}" for s in m["stages"]))
-    write_json(args.out or work / "block70b.json", {"config": config, "planned": planned, "measured": measured})
+    write_json(out, {"config": config, "planned": planned, "measured": measured})
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
