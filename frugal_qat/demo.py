@@ -1,8 +1,9 @@
-"""The built-in demo: SmolLM2-135M quantized with RTN and with Block-AP, against its fp16 original.
+"""The built-in demo: SmolLM2-135M quantized with RTN, Block-AP and Block-AP + E2E-QP, against its fp16 original.
 
 Each step runs the real command in a subprocess (so each reports its own peak RSS, as a user would see it):
 convert the shipped GGUF to a safetensors checkpoint, measure fp16 perplexity on held-out text, run `block-ap`
-with 0 epochs (RTN) and with the recipe's epochs, measure both runs' perplexity. Results go to DIR/demo_results.json.
+with 0 epochs (RTN) and with the recipe's epochs, then `e2e-qp` on the Block-AP run, and measure every run's
+perplexity. Results go to DIR/demo_results.json.
 """
 
 from __future__ import annotations
@@ -60,7 +61,13 @@ def run_demo(root: Path, wbits: int, group_size: int, recipe: Path | None = None
         ppl = _ppl(run, run / "ppl_heldout.json", device)
         rows.append({"method": f"{method} {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
                      "bytes": summary["output_bytes"], **ppl})
-    gens = generations({"fp16": model, f"Block-AP {tag}": root / f"run-{tag}-block-ap"})
+    # E2E-QP (the recipe's e2e_qp section) on the Block-AP run: only the step sizes train, end to end.
+    bap, e2e = root / f"run-{tag}-block-ap", root / f"run-{tag}-e2e-qp"
+    _cli("e2e-qp", "--run", str(bap), "--out", str(e2e), "--recipe", str(recipe), "--device", device)
+    summary = json.loads((e2e / "summary.json").read_text())
+    rows.append({"method": f"+ E2E-QP {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
+                 "bytes": summary["output_bytes"], **_ppl(e2e, e2e / "ppl_heldout.json", device)})
+    gens = generations({"fp16": model, f"Block-AP {tag}": bap, f"+ E2E-QP {tag}": e2e})
     for r in rows:
         r["generation"] = gens.get(r["method"])
     atomic_write_json(root / "demo_results.json", {"recipe": str(recipe), "eval": EVAL, "prompt": PROMPT, "rows": rows})
@@ -90,9 +97,9 @@ def generations(models: dict[str, Path], prompt: str = PROMPT, new_tokens: int =
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'method':<16} {'held-out ppl':>12} {'wall s':>8} {'peak RSS':>9} {'size on disk':>13}",
-             "-" * 62]
+    lines = [f"{'method':<18} {'held-out ppl':>12} {'wall s':>8} {'peak RSS':>9} {'size on disk':>13}",
+             "-" * 64]
     for r in rows:
         rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else "-"
-        lines.append(f"{r['method']:<16} {r['ppl']:>12.2f} {r['seconds']:>8.1f} {rss:>9} {r['bytes'] / 2**20:>9.1f} MiB")
+        lines.append(f"{r['method']:<18} {r['ppl']:>12.2f} {r['seconds']:>8.1f} {rss:>9} {r['bytes'] / 2**20:>9.1f} MiB")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -448,7 +449,8 @@ def run_e2e_qp(
             shutil.rmtree(ds_dir, ignore_errors=True)
         summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"],
                    "seconds": round(time.time() - t_start, 3), "optimizer": type(optimizer).__name__,
-                   "device": str(device), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers))}
+                   "device": str(device), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers)),
+                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if ds_run is not None:
             summary["deepspeed"] = ds_run
         atomic_write_json(out / "summary.json", summary)
