@@ -24,6 +24,7 @@ from torch import nn
 from frugal_qat.distributed import all_reduce_sum_, rank_world, sum_floats
 from frugal_qat.errors import TrainingDiverged
 from frugal_qat.quantizer import QuantLinear
+from frugal_qat.quantizer.primitives import SCALE_MIN
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,18 @@ def cosine_lr(step: int, total: int, lr: float, min_ratio: float) -> float:
         return lr
     lo = lr * min_ratio
     return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
+
+
+def keep_scales_positive(block: nn.Module) -> None:
+    """Clamp every quantizer scale to at least ``SCALE_MIN`` (1e-4, the bound of its initial value).
+
+    A step size must stay positive; at large quant lrs (1e-3 at w4g64, where scales are small) a step can push one
+    below 0, which fake-quant would train through and freezing would refuse. E2E-QP applies the same clamp.
+    """
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m.scale.clamp_(min=SCALE_MIN)
 
 
 def make_optimizer(block: nn.Module, linears: dict[str, QuantLinear], weight_lr: float, quant_lr: float) -> torch.optim.AdamW:
@@ -137,6 +150,7 @@ def train_block(
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            keep_scales_positive(block)
             step += 1
             loss_sum += step_loss
             n += 1

@@ -54,6 +54,7 @@ from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.planner import PlanSettings
 from frugal_qat.planner.profile import Mark, no_mark
 from frugal_qat.quantizer.packed import PackedLinear
+from frugal_qat.quantizer.primitives import SCALE_MIN
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ def run_e2e_qp(
             engine.step()  # the boundary: gradients reduced across ranks, clipped, optimizer step
         with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
             for p in [*scales.values(), *(fp32_masters(engine.optimizer) if engine is not None else [])]:
-                p.clamp_(min=1e-4)
+                p.clamp_(min=SCALE_MIN)
         step += 1
         tokens_seen += step_tokens
         m.extra["losses"].append(round(step_loss, 6))

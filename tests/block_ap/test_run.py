@@ -89,3 +89,18 @@ def test_run_directory_layout(tiny_llama, tmp_path):
     assert blk["model.layers.0.self_attn.q_proj.qweight"].shape == (64 * 2 // 32, 64)
     assert blk["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float16
     assert (run / "tokenizer.json").is_file() and (run / "summary.json").is_file()
+
+
+def test_scales_stay_positive_at_a_reckless_quant_lr(tiny_llama, tmp_path):
+    # A quant lr this large drives step sizes through zero within a few steps; each is clamped back to the
+    # initial lower bound after every step, so the run finishes and every saved scale is positive.
+    from safetensors.torch import load_file
+
+    from frugal_qat.quantizer.primitives import SCALE_MIN
+
+    cfg = _cfg(**{"quant.wbits": 4, "block_ap.quant_lr": 0.5, "block_ap.weight_lr": 0.0})
+    run_block_ap(tiny_llama, tmp_path / "run", cfg, _windows(), show_progress=False)
+    scales = [t for f in sorted((tmp_path / "run" / "blocks").iterdir())
+              for k, t in load_file(f).items() if k.endswith(".scales")]
+    low = min(t.float().min().item() for t in scales)
+    assert low > 0 and low == pytest.approx(SCALE_MIN, rel=1e-2), "some scales were pushed to the bound and held"
