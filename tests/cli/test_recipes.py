@@ -1,0 +1,26 @@
+"""Every shipped recipe loads into a valid configuration whose settings match its name."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from frugal_qat.config import load_recipe, resolve
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert "demo" in names and {"smollm2_135m_w2g64", "smollm2_135m_w3g64", "smollm2_135m_w4g64"} <= names
+    assert len([n for n in names if n.startswith(("llama2_", "llama3_"))]) == 20
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_resolves_and_matches_its_name(path):
+    cfg = resolve(load_recipe(path), {})  # unknown keys or bad values raise ConfigError
+    m = re.search(r"_w(\d)g(\d+)$", path.stem)
+    if m:
+        assert (cfg.quant.wbits, cfg.quant.group_size) == (int(m[1]), int(m[2]))
+    if path.stem.startswith(("llama", "smollm2", "demo")):
+        assert "e2e_qp" in load_recipe(path), "a model recipe carries its E2E-QP step too"
