@@ -1,6 +1,6 @@
 """E2E-QP memory: a packed layer against dense fp16 layers, and a run's planned breakdown against its measured peak.
 
-    .venv/bin/python tools/bench_e2e_qp.py layer [--out-features 11008 --in-features 4096 --tokens 1024]
+    .venv/bin/python tools/bench_e2e_qp.py layer [--out-features 11008 --in-features 4096 --tokens 256]
     .venv/bin/python tools/bench_e2e_qp.py breakdown --row /tmp/fq_bench/e2e_w3
 
 ``layer``: one linear layer's forward + backward on ``tokens`` tokens (the input requires grad, as inside a model
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("layer", help="packed vs dense fp16 layer, forward + backward memory")
     p.add_argument("--out-features", type=int, default=11008)
     p.add_argument("--in-features", type=int, default=4096)
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--json")
     p.set_defaults(fn=cmd_layer)
