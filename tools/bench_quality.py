@@ -83,6 +83,7 @@ ROWS: list[Row] = [
     # E2E-QP on top of the Block-AP rows (issue 4): only the step sizes train, on the LM loss.
     e2e(3, 1e-4, "bap_w3_lr"),
     e2e(2, 2e-4, "bap_w2_lr"),
+    e2e(4, 1e-4, "bap_w4_lr"),
     # w4g64 short of 5 % of fp16 at the demo budget: a larger lr, then 4x the calibration windows (the streams
     # live on disk, so more windows cost time, not memory).
     Row("bap_w4_lr1e3", DEMO, demo(4, **{"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3}), "demo budget, lr 1e-3"),
