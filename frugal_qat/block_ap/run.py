@@ -17,7 +17,6 @@ import ctypes
 import functools
 import json
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -75,7 +74,7 @@ from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner import PlanSettings, plan
-from frugal_qat.planner.profile import Mark, no_mark
+from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.quantizer import resolve_group_size
 
 log = logging.getLogger(__name__)
@@ -219,11 +218,6 @@ def release_free_heap() -> None:
     trim = _libc_malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far (the kernel's high-water mark)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------

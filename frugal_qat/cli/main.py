@@ -212,8 +212,8 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def cmd_e2e_qp(args) -> int:
     from frugal_qat.block_ap.run import pick_device
-    from frugal_qat.checkpoint.state import load_manifest
     from frugal_qat.checkpoint.run_dir import read_quant_config
+    from frugal_qat.checkpoint.state import load_manifest
     from frugal_qat.e2e_qp.run import alpaca_examples, plan_settings, run_e2e_qp
     from frugal_qat.offload.weights import read_config
     from frugal_qat.planner import plan
@@ -237,9 +237,9 @@ def cmd_e2e_qp(args) -> int:
     stop = StopFlag()
     stop.install()
     device = pick_device(cfg.offload.device)
-    quant = read_quant_config(run)
 
-    def plan_for():
+    def plan_for():  # only under --profile
+        quant = read_quant_config(run)
         return plan(read_config(run), plan_settings(cfg, quant["bits"], quant["group_size"], device), phases=("e2e_qp",))
 
     title = (f"e2e-qp {run.name}: {e.train_size}x{e.seqlen} tokens, batch {e.batch_size} x accumulation "

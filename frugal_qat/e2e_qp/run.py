@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ from frugal_qat.distributed import (
 from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.planner import PlanSettings
-from frugal_qat.planner.profile import Mark, no_mark
+from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.quantizer.packed import PackedLinear
 from frugal_qat.quantizer.primitives import SCALE_MIN
 
@@ -451,7 +450,7 @@ def run_e2e_qp(
         summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"],
                    "seconds": round(time.time() - t_start, 3), "optimizer": type(optimizer).__name__,
                    "device": str(device), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers)),
-                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                   "peak_rss_bytes": peak_rss()}
         if ds_run is not None:
             summary["deepspeed"] = ds_run
         atomic_write_json(out / "summary.json", summary)

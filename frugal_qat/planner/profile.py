@@ -30,11 +30,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import resource
 import threading
 import time
 import weakref
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -59,6 +60,11 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 # ---- exact peaks ------------------------------------------------------------------------------------------------
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process since it started (getrusage; never reset, unlike ``VmHWM``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_rss_hwm() -> int | None:
