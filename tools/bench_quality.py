@@ -130,20 +130,15 @@ def run_row(row: Row, root: Path, model: Path) -> dict:
         target = d / "run"
         if row.after:
             res.update(e2e_qp=run_e2e(root / row.after / "run", d), wbits=recipe["quant"]["wbits"])
-            res["ppl_s"], _ = run_cli(["ppl", "--model", str(target), "--json", str(d / "ppl.json"), *PPL_ARGS],
-                                      d / "ppl.log")
-            res["ppl"] = json.loads((d / "ppl.json").read_text())["ppl"]
-            (d / "result.json").write_text(json.dumps(res, indent=2) + "\n")
-            return res
-        _, res["block_ap_cpu_s"] = run_cli(["block-ap", "--model", str(model), "--out", str(target),
-                                            "--recipe", str(d / "recipe.yaml"), *BLOCK_AP_ARGS,
-                                            "--profile", str(d / "profile")], d / "block_ap.log")
-        summary = json.loads((target / "summary.json").read_text())
-        (phase,) = [s for s in json.loads((d / "profile.json").read_text())["segments"] if s["kind"] == "phase"]
-        res["planned_ram_bytes"] = phase["predicted"]
-        res.update(block_ap_s=summary["seconds"], peak_rss_bytes=summary["peak_rss_bytes"],
-                   output_bytes=summary["output_bytes"], wbits=summary["wbits"],
-                   last_val_mse=[b["val_mse"][-1] for b in summary["blocks"] if b["val_mse"]][-1])
+        else:
+            _, res["block_ap_cpu_s"] = run_cli(["block-ap", "--model", str(model), "--out", str(target),
+                                                "--recipe", str(d / "recipe.yaml"), *BLOCK_AP_ARGS,
+                                                "--profile", str(d / "profile")], d / "block_ap.log")
+            summary = json.loads((target / "summary.json").read_text())
+            (phase,) = [s for s in json.loads((d / "profile.json").read_text())["segments"] if s["kind"] == "phase"]
+            res.update(block_ap_s=summary["seconds"], peak_rss_bytes=summary["peak_rss_bytes"],
+                       output_bytes=summary["output_bytes"], wbits=summary["wbits"], planned_ram_bytes=phase["predicted"],
+                       last_val_mse=[b["val_mse"][-1] for b in summary["blocks"] if b["val_mse"]][-1])
     res["ppl_s"], _ = run_cli(["ppl", "--model", str(target), "--json", str(d / "ppl.json"), *PPL_ARGS], d / "ppl.log")
     res["ppl"] = json.loads((d / "ppl.json").read_text())["ppl"]
     (d / "result.json").write_text(json.dumps(res, indent=2) + "\n")
