@@ -8,7 +8,10 @@ A *source* is a string naming either local text or one of the paper's Hub datase
 - ``wikitext2`` | ``c4`` | ``redpajama``, optionally with a split (``wikitext2:train``), loaded through
   ``datasets`` exactly as the EfficientQAT paper does (see :data:`HUB_DATASETS`).
 
-A local path wins over a dataset name of the same spelling, so a folder called ``c4`` is read from disk.
+A local path wins over a dataset name of the same spelling, so a folder called ``c4`` is read from disk. The
+built-in ``demo`` / ``demo-heldout`` texts are the exception: those names always mean the built-in text (the demo
+writes its runs into a folder called ``demo``, and a word that common must not silently swap the calibration data);
+``./demo`` reads a local folder of that name.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def load_documents(source: str) -> list[str]:
     """
     path = Path(source).expanduser()
     hub = None if path.exists() else parse_hub_source(source)
-    if not path.exists() and source in DEMO_SOURCES:
+    if source in DEMO_SOURCES:
         from frugal_qat.data.demo import demo_texts
 
         docs = demo_texts()[DEMO_SOURCES.index(source)]
@@ -190,7 +193,7 @@ def source_fingerprint(source: str) -> str:
     """A string that changes when the text of ``source`` may have changed: for local text the path and each
     file's relative name, size and mtime; for a Hub dataset its name and split."""
     path = Path(source).expanduser()
-    if not path.exists() and source in DEMO_SOURCES:
+    if source in DEMO_SOURCES:
         from frugal_qat.data.demo import demo_source_dir
 
         path = demo_source_dir()  # the demo's text is whichever local corpus demo_texts() reads

@@ -170,3 +170,19 @@ def test_demo_calibration_and_heldout_have_different_fingerprints():
     from frugal_qat.data.text import source_fingerprint
 
     assert source_fingerprint("demo") != source_fingerprint("demo-heldout")
+
+
+def test_demo_names_mean_the_built_in_text_even_beside_a_folder_called_demo(tmp_path, monkeypatch):
+    # `frugal-qat demo` writes its runs into ./demo; its own `--calib demo` must not then read that folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("a local folder, not the demo text")
+    monkeypatch.setattr("frugal_qat.data.demo.demo_texts", lambda: (["built-in calibration"], ["built-in tutorial"]))
+    monkeypatch.setattr("frugal_qat.data.demo.demo_source_dir", lambda: tmp_path / "builtin-corpus")
+    (tmp_path / "builtin-corpus").mkdir()
+    (tmp_path / "builtin-corpus" / "doc.txt").write_text("built-in")
+    assert text.load_documents("demo") == ["built-in calibration"]
+    assert text.load_documents("demo-heldout") == ["built-in tutorial"]
+    assert text.load_documents("./demo") == ["a local folder, not the demo text"]
+    assert "builtin-corpus" in text.source_fingerprint("demo")
+    assert "builtin-corpus" not in text.source_fingerprint("./demo")
