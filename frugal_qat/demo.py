@@ -34,10 +34,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors") if f.name != "calib.safetensors")
 
 
-def _ppl(model: Path, out_json: Path, device: str) -> dict:
+def _ppl(model: Path, out_json: Path, device: str) -> float:
     _cli("ppl", "--model", str(model), "--data", EVAL["data"], "--seqlen", str(EVAL["seqlen"]),
          "--max-windows", str(EVAL["max_windows"]), "--device", device, "--json", str(out_json))
-    return json.loads(out_json.read_text())
+    return json.loads(out_json.read_text())["ppl"]
+
+
+def _run_row(method: str, run: Path, device: str) -> dict:
+    """A table row for a finished run: wall time, peak RSS and output size from the run's own summary.json (the
+    time and memory of training, not of the perplexity evaluation that follows)."""
+    summary = json.loads((run / "summary.json").read_text())
+    return {"method": method, "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
+            "bytes": summary["output_bytes"], "ppl": _ppl(run, run / "ppl_heldout.json", device)}
 
 
 def run_demo(root: Path, wbits: int, group_size: int, recipe: Path | None = None, device: str = "auto",
@@ -51,22 +59,17 @@ def run_demo(root: Path, wbits: int, group_size: int, recipe: Path | None = None
     t0 = time.time()
     model = make_smollm2_checkpoint(root / "smollm2-135m")
     rows = [{"method": "fp16", "seconds": round(time.time() - t0, 1), "peak_rss_bytes": None,
-             "bytes": _dir_bytes(model), **_ppl(model, root / "ppl_fp16.json", device)}]
+             "bytes": _dir_bytes(model), "ppl": _ppl(model, root / "ppl_fp16.json", device)}]
     tag = f"w{wbits}g{group_size}"
     for method, epochs in (("RTN", ["--epochs", "0"]), ("Block-AP", [])):
         run = root / f"run-{tag}-{'rtn' if method == 'RTN' else 'block-ap'}"
         _cli("block-ap", "--model", str(model), "--out", str(run), "--recipe", str(recipe), "--wbits", str(wbits),
              "--group-size", str(group_size), "--device", device, *epochs, *extra_args)
-        summary = json.loads((run / "summary.json").read_text())
-        ppl = _ppl(run, run / "ppl_heldout.json", device)
-        rows.append({"method": f"{method} {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
-                     "bytes": summary["output_bytes"], **ppl})
+        rows.append(_run_row(f"{method} {tag}", run, device))
     # E2E-QP (the recipe's e2e_qp section) on the Block-AP run: only the step sizes train, end to end.
     bap, e2e = root / f"run-{tag}-block-ap", root / f"run-{tag}-e2e-qp"
     _cli("e2e-qp", "--run", str(bap), "--out", str(e2e), "--recipe", str(recipe), "--device", device)
-    summary = json.loads((e2e / "summary.json").read_text())
-    rows.append({"method": f"+ E2E-QP {tag}", "seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
-                 "bytes": summary["output_bytes"], **_ppl(e2e, e2e / "ppl_heldout.json", device)})
+    rows.append(_run_row(f"+ E2E-QP {tag}", e2e, device))
     gens = generations({"fp16": model, f"Block-AP {tag}": bap, f"+ E2E-QP {tag}": e2e})
     for r in rows:
         r["generation"] = gens.get(r["method"])

@@ -89,6 +89,8 @@ ROWS: list[Row] = [
     Row("bap_w4_lr1e3", DEMO, demo(4, **{"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3}), "demo budget, lr 1e-3"),
     Row("bap_w4_n128", DEMO, demo(4, **{"data.train_size": 128, "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
         "4x the windows"),
+    Row("bap_w4_n256", DEMO, demo(4, **{"data.train_size": 256, "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
+        "8x the windows"),
     # ...and the paper's learning rates at the same budget, for comparison.
     Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
 ]

@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import resource
+import sys
 import threading
 import time
 import weakref
@@ -62,9 +63,23 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 # ---- exact peaks ------------------------------------------------------------------------------------------------
 
 
+# The kernel's VmHWM is per process and reset_rss_hwm() (the profiler, at every mark) clears it; the peak seen
+# before each reset is folded in here so that peak_rss() stays the process's peak since it started. It mirrors
+# kernel state of this process, which is why it is module-level.
+_peak_before_resets = 0
+
+
 def peak_rss() -> int:
-    """Peak resident set size of this process since it started (getrusage; never reset, unlike ``VmHWM``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own memory since it started, in bytes.
+
+    ``VmHWM`` (plus the peaks before any :func:`reset_rss_hwm`), not getrusage's ``ru_maxrss``: Linux carries
+    ``ru_maxrss`` over ``execve`` from the process that spawned us, so a run launched by a Python holding 1.6 GiB
+    (the demo, a notebook) would report at least 1.6 GiB whatever it used. ``ru_maxrss`` only off Linux.
+    """
+    hwm = read_rss_hwm()
+    if hwm is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return max(hwm, _peak_before_resets)
 
 
 def read_rss_hwm() -> int | None:
@@ -78,6 +93,8 @@ def read_rss_hwm() -> int | None:
 
 def reset_rss_hwm() -> bool:
     """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
+    global _peak_before_resets
+    _peak_before_resets = max(_peak_before_resets, read_rss_hwm() or 0)
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:

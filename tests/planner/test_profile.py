@@ -2,6 +2,8 @@
 planner's prediction beside each measured peak, and the JSON + PNG it writes (also when the run fails)."""
 
 import json
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -13,8 +15,10 @@ from frugal_qat.planner.profile import (
     Profiler,
     build_segments,
     format_profile,
+    peak_rss,
     predicted_peaks,
     read_rss_hwm,
+    reset_rss_hwm,
 )
 
 MiB = 2**20
@@ -23,6 +27,27 @@ MiB = 2**20
 def seg(result, kind, value):
     (s,) = [s for s in result["segments"] if s["kind"] == kind and s["value"] == value]
     return s
+
+
+@pytest.mark.skipif(read_rss_hwm() is None, reason="needs Linux /proc/self/status")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    # getrusage's ru_maxrss survives execve, so a run spawned by a big Python (the demo, a notebook) reported the
+    # parent's peak as its own. The parent here peaks at >= 300 MiB; its child must report far less.
+    x = torch.ones(80 * MiB)  # 320 MiB, touched
+    code = "from frugal_qat.planner.profile import peak_rss; print(peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del x
+    assert peak_rss() > child + 250 * MiB
+
+
+@pytest.mark.skipif(read_rss_hwm() is None, reason="needs Linux /proc/self/status")
+def test_peak_rss_keeps_the_peak_across_high_water_mark_resets():
+    x = torch.ones(64 * MiB)  # 256 MiB
+    before = peak_rss()
+    del x
+    assert reset_rss_hwm()
+    assert read_rss_hwm() < before - 200 * MiB  # the kernel forgot it...
+    assert peak_rss() >= before  # ...we did not
 
 
 @pytest.mark.skipif(read_rss_hwm() is None, reason="needs Linux /proc/self/status")
