@@ -91,6 +91,10 @@ ROWS: list[Row] = [
         "4x the windows"),
     Row("bap_w4_n256", DEMO, demo(4, **{"data.train_size": 256, "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
         "8x the windows"),
+    # The "mse" init (departure: ranges shrunk to the least rounding error; docs/METHOD.md).
+    Row("rtn_w4_mse", DEMO, {"quant.wbits": 4, "quant.init": "mse", "block_ap.epochs": 0}, "round-to-nearest, mse init"),
+    Row("bap_w4_mse", DEMO, demo(4, **{"quant.init": "mse", "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
+        "demo budget, mse init"),
     # ...and the paper's learning rates at the same budget, for comparison.
     Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
 ]
@@ -169,8 +173,9 @@ def describe(res: dict) -> str:
         e = r["e2e_qp"]
         return f"E2E-QP {e['train_size']}x{e['seqlen']} b{e['batch_size']} ({res['e2e_qp']['steps']} st) lr {e['lr']:g}"
     d, b = r.get("data", {}), r.get("block_ap", {})
+    init = " mse init" if r.get("quant", {}).get("init") == "mse" else ""
     if b.get("epochs", 2) == 0:
-        return "RTN"
+        return "RTN" + init
     wbits = r["quant"]["wbits"]
     wlr = b.get("weight_lr") or (2e-5 if wbits == 2 else 1e-5)
     steps = d["train_size"] // b.get("batch_size", 2) * b.get("epochs", 2)
@@ -180,7 +185,7 @@ def describe(res: dict) -> str:
         s += f" min {b['min_lr_ratio']:g}"
     if b.get("max_grad_norm"):
         s += f" clip {b['max_grad_norm']:g}"
-    return s
+    return s + init
 
 
 def table(results: list[dict]) -> str:
