@@ -17,26 +17,18 @@ import yaml
 
 from frugal_qat.errors import ConfigError
 
-# Copies of frugal_qat.quantizer.primitives' constants, so that reading a recipe does not import torch
-# (tests/test_config.py checks they agree).
 SUPPORTED_BITS = (2, 3, 4, 8)
-INIT_METHODS = ("minmax", "mse")
 
 
 @dataclass
 class QuantConfig:
     wbits: int = 4
     group_size: int = 128  # -1: one group per output row
-    # Initial scales/zeros: "minmax" (the paper) or "mse" (range shrunk to the least rounding error; departure,
-    # see quantizer.primitives.init_qparams and docs/METHOD.md).
-    init: str = "minmax"
 
     def problems(self) -> list[str]:
         out = []
         if self.wbits not in SUPPORTED_BITS:
             out.append(f"quant.wbits={self.wbits} is not supported; choose one of {list(SUPPORTED_BITS)}")
-        if self.init not in INIT_METHODS:
-            out.append(f"quant.init={self.init!r} is not supported; choose one of {list(INIT_METHODS)}")
         if self.group_size != -1 and self.group_size <= 0:
             out.append(f"quant.group_size={self.group_size}; use a positive divisor of the layer width or -1")
         return out

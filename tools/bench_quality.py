@@ -91,10 +91,6 @@ ROWS: list[Row] = [
         "4x the windows"),
     Row("bap_w4_n256", DEMO, demo(4, **{"data.train_size": 256, "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
         "8x the windows"),
-    # The "mse" init (departure: ranges shrunk to the least rounding error; docs/METHOD.md).
-    Row("rtn_w4_mse", DEMO, {"quant.wbits": 4, "quant.init": "mse", "block_ap.epochs": 0}, "round-to-nearest, mse init"),
-    Row("bap_w4_mse", DEMO, demo(4, **{"quant.init": "mse", "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
-        "demo budget, mse init"),
     # ...and the paper's learning rates at the same budget, for comparison.
     Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
 ]
@@ -173,9 +169,8 @@ def describe(res: dict) -> str:
         e = r["e2e_qp"]
         return f"E2E-QP {e['train_size']}x{e['seqlen']} b{e['batch_size']} ({res['e2e_qp']['steps']} st) lr {e['lr']:g}"
     d, b = r.get("data", {}), r.get("block_ap", {})
-    init = " mse init" if r.get("quant", {}).get("init") == "mse" else ""
     if b.get("epochs", 2) == 0:
-        return "RTN" + init
+        return "RTN"
     wbits = r["quant"]["wbits"]
     wlr = b.get("weight_lr") or (2e-5 if wbits == 2 else 1e-5)
     steps = d["train_size"] // b.get("batch_size", 2) * b.get("epochs", 2)
@@ -185,7 +180,7 @@ def describe(res: dict) -> str:
         s += f" min {b['min_lr_ratio']:g}"
     if b.get("max_grad_norm"):
         s += f" clip {b['max_grad_norm']:g}"
-    return s + init
+    return s
 
 
 def table(results: list[dict]) -> str:
@@ -214,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/fq_bench"), help="where runs and results go")
     ap.add_argument("--model", type=Path, default=Path("/tmp/demo/smollm2"),
                     help="SmolLM2-135M fp16 checkpoint (made with tools/make_smollm2_checkpoint.py if missing)")
-    ap.add_argument("--only", action="append", metavar="NAME", help="run only this row, again (repeatable)")
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this row, again (repeat the flag for several rows)")
     ap.add_argument("--table", action="store_true", help="print the table of stored results and exit")
     ap.add_argument("--list", action="store_true", help="list the rows and their settings")
     args = ap.parse_args(argv)

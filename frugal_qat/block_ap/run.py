@@ -346,7 +346,7 @@ def run_block_ap(
             commit()
 
         # 4b. Train the fake-quantized block (or restore it from its in-block checkpoint).
-        linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}", init=q.init)
+        linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}")
         block.to(device)
         optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr)
         ckpt = work / "ckpt" / f"block_{i:05d}.safetensors"

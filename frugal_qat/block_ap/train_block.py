@@ -29,14 +29,14 @@ from frugal_qat.quantizer.primitives import SCALE_MIN
 log = logging.getLogger(__name__)
 
 
-def wrap_linears(block: nn.Module, bits: int, group_size: int, name: str, init: str = "minmax") -> dict[str, QuantLinear]:
-    """Replace every nn.Linear of the block with a QuantLinear (weights copied to fp32, qparams by ``init``)."""
+def wrap_linears(block: nn.Module, bits: int, group_size: int, name: str) -> dict[str, QuantLinear]:
+    """Replace every nn.Linear of the block with a QuantLinear (weights copied to fp32, min-max qparams)."""
     wrapped = {}
     for path, mod in list(block.named_modules()):
         if isinstance(mod, nn.Linear):
             parent_path, _, child = path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
-            q = QuantLinear.from_linear(mod, bits, group_size, name=f"{name}.{path}", init=init)
+            q = QuantLinear.from_linear(mod, bits, group_size, name=f"{name}.{path}")
             setattr(parent, child, q)
             wrapped[path] = q
     return wrapped

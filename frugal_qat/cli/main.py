@@ -26,7 +26,6 @@ log = logging.getLogger("frugal_qat")
 RUN_FLAGS = {
     "wbits": "quant.wbits",
     "group_size": "quant.group_size",
-    "init": "quant.init",
     "calib": "data.calib",
     "train_size": "data.train_size",
     "val_size": "data.val_size",
@@ -353,8 +352,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="YAML recipe (see recipes/); flags override it")
     p.add_argument("--wbits", type=int, help="weight bits: 2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, help="columns per quantization group, or -1 for one per row")
-    p.add_argument("--init", choices=["minmax", "mse"],
-                   help="initial scales: minmax (paper) or mse (range shrunk to the least rounding error)")
     p.add_argument("--calib", help="calibration text: .txt, .jsonl, a directory, demo, or redpajama|c4|wikitext2 (online)")
     p.add_argument("--train-size", type=int, help="calibration windows for training")
     p.add_argument("--val-size", type=int, help="held-out windows for the validation MSE")

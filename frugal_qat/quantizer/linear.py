@@ -59,11 +59,8 @@ class QuantLinear(nn.Module):
         self.zero = nn.Parameter(torch.zeros(out_features, n_groups, **f32))
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, bits: int, group_size: int, name: str = "", init: str = "minmax"
-    ) -> "QuantLinear":
-        """Copy ``linear``'s weight and bias (as float32) and set ``scale``/``zero`` by ``init_qparams``
-        (``init``: its method, ``"minmax"`` or ``"mse"``).
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, name: str = "") -> "QuantLinear":
+        """Copy ``linear``'s weight and bias (as float32) and set ``scale``/``zero`` by ``init_qparams``.
 
         ``linear`` is left untouched; the new layer lives on its device. ``name`` (e.g.
         ``layers.3.mlp.down_proj``) appears in error messages.
@@ -81,7 +78,7 @@ class QuantLinear(nn.Module):
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-            scale, zero = init_qparams(layer.weight, bits, layer.group_size, init)
+            scale, zero = init_qparams(layer.weight, bits, layer.group_size)
             layer.scale.copy_(scale)
             layer.zero.copy_(zero)
         return layer

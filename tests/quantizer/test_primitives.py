@@ -172,63 +172,6 @@ def test_one_signed_groups_zero_clamped_and_no_clipping_at_init(bits):
     assert ((w - w_hat).abs() <= half_step * (1 + 1e-5)).all()
 
 
-def group_errors(w, scale, zero, bits, group_size):
-    g = w.shape[1] if group_size == -1 else group_size
-    err = (fake_quant(w, scale, zero, bits, group_size) - w).pow(2)
-    return err.reshape(w.shape[0], -1, g).sum(-1)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("bits", BITS)
-def test_mse_init_never_worse_than_minmax_per_group_and_better_overall(bits, seed):
-    w = make_weight(seed, out=40)
-    minmax = group_errors(w, *init_qparams(w, bits, 64), bits, 64)
-    mse = group_errors(w, *init_qparams(w, bits, 64, method="mse"), bits, 64)
-    assert (mse <= minmax * (1 + 1e-6)).all()
-    if bits <= 4:  # with outliers, clipping pays at low bits (at 8 bits the step is already fine)
-        assert mse.sum() < 0.97 * minmax.sum()
-
-
-def test_mse_init_is_the_best_shrink_of_the_grid():
-    # float64 brute force over the documented grid, for each group of a small weight
-    w = make_weight(3, out=6, inp=64)
-    scale, zero = init_qparams(w, 3, 32, method="mse")
-    got = group_errors(w, scale, zero, 3, 32)
-    for o in range(6):
-        for grp in range(2):
-            vals = w[o, grp * 32 : (grp + 1) * 32].double()
-            lo, hi = min(vals.min().item(), 0.0), max(vals.max().item(), 0.0)
-            best = math.inf
-            for k in range(21):
-                a = 1.0 - 0.025 * k
-                s = min(max((hi - lo) * a / 7, 1e-4), 1e4)
-                z = min(max(round(-lo * a / s), 0), 7)
-                q = torch.clamp(torch.round(vals / s) + z, 0, 7)
-                best = min(best, ((q - z) * s - vals).pow(2).sum().item())
-            assert got[o, grp].item() == pytest.approx(best, rel=1e-4, abs=1e-12)
-
-
-def test_mse_init_chunks_rows_without_changing_the_result():
-    w = make_weight(4, out=2500, inp=64)  # 3 chunks of 1024 rows
-    scale, zero = init_qparams(w, 2, 32, method="mse")
-    for rows in (slice(0, 7), slice(1020, 1030), slice(2490, 2500)):
-        s, z = init_qparams(w[rows], 2, 32, method="mse")
-        assert torch.equal(s, scale[rows]) and torch.equal(z, zero[rows])
-
-
-def test_init_method_names_the_choices():
-    with pytest.raises(ValueError, match="minmax, mse"):
-        init_qparams(make_weight(0), 4, 64, method="percentile")
-
-
-def test_config_constants_agree_with_the_quantizer():
-    from frugal_qat import config
-    from frugal_qat.quantizer import primitives
-
-    assert config.SUPPORTED_BITS == primitives.SUPPORTED_BITS
-    assert config.INIT_METHODS == primitives.INIT_METHODS
-
-
 # --- fake_quant ---------------------------------------------------------------------------------
 
 
