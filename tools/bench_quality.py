@@ -1,6 +1,6 @@
 """Block-AP quality on the demo model: held-out perplexity of fp16, RTN and Block-AP settings, as a table.
 
-    FRUGAL_QAT_CACHE=/tmp/fqcache .venv/bin/python tools/bench_quality.py [--root /tmp/fq_bench] [--only NAME ...]
+    FRUGAL_QAT_CACHE=/tmp/fqcache .venv/bin/python tools/bench_quality.py [--root /tmp/fq_bench] [--only NAME]...
 
 Every row goes through the real CLI in a subprocess (``frugal-qat block-ap`` then ``frugal-qat ppl``), so the
 numbers are those a user gets. A row's settings are a base recipe plus overrides; the merged recipe is written to
@@ -91,6 +91,8 @@ ROWS: list[Row] = [
         "4x the windows"),
     Row("bap_w4_n256", DEMO, demo(4, **{"data.train_size": 256, "block_ap.weight_lr": 3e-4, "block_ap.quant_lr": 3e-4}),
         "8x the windows"),
+    Row("bap_w4_n256_s3", DEMO, demo(4, **{"data.train_size": 256, "data.seed": 3, "block_ap.weight_lr": 3e-4,
+                                           "block_ap.quant_lr": 3e-4}), "8x the windows, another calibration draw"),
     # ...and the paper's learning rates at the same budget, for comparison.
     Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
 ]
@@ -180,6 +182,8 @@ def describe(res: dict) -> str:
         s += f" min {b['min_lr_ratio']:g}"
     if b.get("max_grad_norm"):
         s += f" clip {b['max_grad_norm']:g}"
+    if "seed" in d:
+        s += f" seed {d['seed']}"
     return s
 
 
