@@ -100,9 +100,10 @@ def random_smol_model(path: Path, layers: int, tokenizer_from: Path) -> Path:
 def bench_rss(args) -> None:
     work = args.work / "rss"
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(wbits=3, group_size=64, seqlen=args.seqlen, batch_size=2, val_size=8, epochs=args.epochs)
+    common = dict(wbits=3, group_size=64, seqlen=args.seqlen, batch_size=2, val_size=8, epochs=args.epochs,
+                  chunk_mb=args.chunk_mb)
     flags = ["--calib", "demo", "--wbits", "3", "--group-size", "64", "--seqlen", str(args.seqlen), "--val-size", "8",
-             "--epochs", str(args.epochs), "--batch-size", "2"]
+             "--epochs", str(args.epochs), "--batch-size", "2", "--chunk-mb", str(args.chunk_mb)]
     cases = [("baseline", args.layers, args.samples), ("2x layers", 2 * args.layers, args.samples),
              ("4x samples", args.layers, 4 * args.samples)]
     rows = []
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--chunk-mb", type=float, default=64,
+                   help="stream chunk cap (a chunk is whole samples up to this size, so RSS grows with the samples "
+                        "until a chunk reaches it)")
     p.add_argument("--tokenizer", type=Path, default=SMOLLM2, help="a directory with SmolLM2's tokenizer files")
     p.set_defaults(fn=bench_rss)
 
