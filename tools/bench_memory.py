@@ -7,11 +7,12 @@ writes JSON; each is rerunnable (models and runs are cached or restarted under -
 
 rss:      random Llama models of SmolLM2's width (hidden 576, intermediate 1536, 9/3 heads, vocab 49152) with L
           layers, ``frugal-qat block-ap`` on N calibration windows, each run in a fresh process; the figure is the
-          run's getrusage high-water mark (summary.json ``peak_rss_bytes``), beside the planner's RAM peak.
+          run's own RSS high-water mark (summary.json ``peak_rss_bytes``, VmHWM), beside the planner's RAM peak.
 iowait:   ``frugal-qat block-ap`` on SmolLM2-135M with recipes/demo.yaml, after dropping the page cache when
           allowed (root: a cold-disk run); share = ``io_wait_seconds`` / wall seconds of the run.
 block70b: in fresh processes, one decoder block with Llama-2-70B's dimensions and random weights: a few Block-AP
-          steps through the real code (wrap_linears / make_optimizer / train_block, then freeze and pack), and a
+          steps through the real code (wrap_linears / make_optimizer / train_block with its epoch-end training
+          checkpoint, then freeze and pack), and a
           few E2E-QP steps of the same block over packed 2-bit PackedLinear layers with 8-bit AdamW; peaks from
           the kernel's RSS high-water mark and from live-tensor tracking, against the planner's terms.
 """
@@ -199,6 +200,7 @@ def worker_train(args, config: dict, prof) -> dict:
 
     from frugal_qat.arch import arch_for, block_forward, build_block, hf_config, position_embeddings, rotary
     from frugal_qat.block_ap.train_block import freeze_block, make_optimizer, train_block, wrap_linears
+    from frugal_qat.checkpoint.state import save_train_checkpoint
 
     arch, hf = arch_for(config), hf_config(config, args.seqlen)
     H, b, L = config["hidden_size"], 1, args.seqlen
@@ -222,6 +224,12 @@ def worker_train(args, config: dict, prof) -> dict:
             yield [(x_all[j * b:(j + 1) * b], y_all[j * b:(j + 1) * b])]
 
     step_times = []
+    ckpt = Path(args.result).with_suffix(".ckpt.safetensors")
+
+    def checkpoint(step: int) -> None:  # what run.py does at every epoch end: the whole training state to disk
+        prof.mark("stage", "checkpoint save")
+        save_train_checkpoint(ckpt, block.state_dict(), optimizer, step)
+        prof.mark("stage", "after steps")
 
     def on_step(loss: float) -> None:
         step_times.append(time.perf_counter())
@@ -233,15 +241,17 @@ def worker_train(args, config: dict, prof) -> dict:
     t0 = time.perf_counter()
     train_block(block, lambda mod, x: block_forward(mod, x, position_embeddings(rot, x)), batches,
                 lambda: float("nan"), optimizer, epochs=1, steps_per_epoch=args.steps, min_lr_ratio=0.05,
-                max_grad_norm=0.0, start_step=0, checkpoint=lambda step: None, ckpt_every=0, block_idx=0,
+                max_grad_norm=0.0, start_step=0, checkpoint=checkpoint, ckpt_every=0, block_idx=0,
                 device=torch.device("cpu"), on_step=on_step)
+    ckpt_bytes = ckpt.stat().st_size
+    ckpt.unlink()
     prof.mark("stage", "freeze + pack")
     freeze_block(block)
     packed = {}
     for name, lin in linears.items():
         packed.update({f"{name}.{k}": v for k, v in lin.pack().items()})
     return {"step_seconds": [round(t - s, 2) for s, t in zip([t0] + step_times, step_times)],
-            "packed_bytes": sum(t.numel() * t.element_size() for t in packed.values())}
+            "checkpoint_bytes": ckpt_bytes, "packed_bytes": sum(t.numel() * t.element_size() for t in packed.values())}
 
 
 def worker_e2e(args, config: dict, prof) -> dict:

@@ -500,10 +500,10 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         dev += [
             _term("block weight grads (fp32)", 4 * P, "4*P, created by each backward (zero_grad sets None)"),
             _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32"),
-            _term("fake-quant tensors kept for backward", (4 + c) * Pl,
-                  "(4+c)*Pl: fp32 (q - z) and the c-byte weight fed to the matmul, for every linear", "training"),
-            _term("fake-quant temporaries, largest linear", (8 + (2 if cuda else 0)) * Wmax,
-                  f"{8 + (2 if cuda else 0)}*Wmax: fp32 grads of W_hat and (q - z) in its backward"
+            _term("fake-quant weights kept for backward", c * Pl,
+                  "c*Pl: the c-byte weight each matmul saves (fake_quant itself saves only W, s, z)", "training"),
+            _term("fake-quant backward, largest linear", (13 + (2 if cuda else 0)) * Wmax,
+                  f"{13 + (2 if cuda else 0)}*Wmax: fp32 grad of W_hat, recomputed W/s and q - z, the clip mask"
                   + (" + the bf16 grad" if cuda else ""), "training"),
             _term("micro-batches in flight (fp32 input + target)", (BATCHES_AHEAD + 1) * 2 * T * H * 4,
                   f"{BATCHES_AHEAD + 1}*2*T*H*4: the pair in use and {BATCHES_AHEAD} read ahead", "training"),
@@ -524,9 +524,9 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("embedding table (first block only)", shape.vocab * H * 2 + 2 * chunk,
               "V*H*2 + 2*chunk: embeds the windows into both streams", "embed"),
     ]
-    if train:
-        host.append(_term("training checkpoint serialisation", (2 if cuda else 1) * ckpt,
-                          f"{'2' if cuda else '1'}*(12*P + 24*G): {'host copies + ' if cuda else ''}safetensors blob",
+    if train and cuda:  # on CPU the checkpoint is written straight from the training tensors (no copy)
+        host.append(_term("training checkpoint host copies", ckpt,
+                          "12*P + 24*G: the GPU training state copied to RAM for safetensors' save_file",
                           "checkpoint save"))
         if cuda:
             host.append(_term("micro-batch staging (fp16, pinned)", 2 * T * H * 2, "2*T*H*2", "training"))

@@ -323,3 +323,62 @@ def test_optimizer_step_changes_scale_and_zero(bits):
         opt.step()
     assert (fake_quant(w, scale, zero, bits, 64) - w).pow(2).mean() < loss
     assert math.isfinite(loss.item())
+
+
+def test_fake_quant_saves_only_its_inputs_for_backward():
+    # Autograd keeps nothing of the size of W beyond W itself: the backward recomputes W/s, the mask and q - z.
+    # (A chain of torch ops kept 8 bytes per weight until the block's backward.)
+    w0 = make_weight(0, out=64)
+    s0, z0 = trained_qparams(w0, 3, 64, 0)
+    w, scale, zero = (t.clone().requires_grad_() for t in (w0, s0, z0))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fake_quant(w, scale, zero, 3, 64)
+    inputs = {t.data_ptr() for t in (w, scale, zero)}
+    assert saved and all(t.data_ptr() in inputs for t in saved)
+    out.sum().backward()
+    assert w.grad is not None and scale.grad is not None and zero.grad is not None
+
+
+def test_fake_quant_backward_skips_gradients_nobody_needs():
+    w0 = make_weight(1)
+    s0, z0 = trained_qparams(w0, 4, 64, 1)
+    scale = s0.clone().requires_grad_()
+    fake_quant(w0, scale, z0, 4, 64).sum().backward()  # W and z frozen: only the scale learns
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_fake_quant_backward_equals_autograd_through_the_ste_chain(bits, group_size, seed):
+    # The docstring's formula written with round_ste/clamp_ste and differentiated by autograd is the reference
+    # for the hand-written backward.
+    w0 = make_weight(seed)
+    s0, z0 = trained_qparams(w0, bits, group_size, seed)
+    g = IN if group_size == -1 else group_size
+    qmax = 2**bits - 1
+    upstream = torch.randn(w0.shape, generator=torch.Generator().manual_seed(seed + 3))
+
+    def chain(w, scale, zero):
+        s = scale.unsqueeze(-1)
+        z_int = clamp_ste(round_ste(zero), 0, qmax).unsqueeze(-1)
+        q = torch.clamp(round_ste(w.reshape(OUT, -1, g) / s) + z_int, 0, qmax)
+        return ((q - z_int) * s).reshape(w.shape)
+
+    grads = []
+    for f in (chain, lambda w, s, z: fake_quant(w, s, z, bits, group_size)):
+        w, scale, zero = (t.clone().requires_grad_() for t in (w0, s0, z0))
+        out = f(w, scale, zero)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), w.grad, scale.grad, zero.grad))
+    (o1, gw1, gs1, gz1), (o2, gw2, gs2, gz2) = grads
+    assert torch.equal(o1, o2)
+    assert torch.equal(gw1 == 0, gw2 == 0)  # the same weights are clipped
+    assert torch.allclose(gw1, gw2, rtol=1e-6, atol=0)  # the chain computes upstream / s * s, one rounding off
+    # scale/zero gradients are group sums whose terms cancel (LSQ: (q - z) - W/s): compare against their size
+    s = s0.repeat_interleave(g, dim=1)
+    size_s = (upstream.abs() * (qmax + (w0 / s).abs())).reshape(OUT, -1, g).sum(-1)
+    size_z = (upstream.abs() * s).reshape(OUT, -1, g).sum(-1)
+    assert ((gs1 - gs2).abs() <= 1e-6 * size_s).all()
+    assert ((gz1 - gz2).abs() <= 1e-6 * size_z).all()
