@@ -499,10 +499,10 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     if train:
         dev += [
             # Each linear's saved weight is freed by the backward node that creates its fp32 grad, so the two
-            # trade places during backward instead of adding up.
-            _term("block weight grads / weights kept for backward", max(4 * P, c * Pl),
-                  "max(4*P, c*Pl): fp32 grads (zero_grad sets None), exchanged during backward for the c-byte "
-                  "weight each matmul saved (fake_quant itself saves only W, s, z)"),
+            # trade places during backward instead of adding up; the grads are the larger (c <= 4, Pl <= P).
+            _term("block weight grads / weights kept for backward", 4 * P,
+                  "4*P: fp32 grads (zero_grad sets None), exchanged during backward for the c-byte weight each "
+                  "matmul saved (c*Pl <= 4*P; fake_quant itself saves only W, s, z)"),
             _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32"),
             _term("fake-quant backward, largest linear", (13 + (2 if cuda else 0)) * Wmax,
                   f"{13 + (2 if cuda else 0)}*Wmax: fp32 grad of W_hat, recomputed W/s and q - z, the clip mask"
