@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from frugal_qat.errors import ConfigError
+from frugal_qat.precision import POLICIES, STREAM_DTYPES
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -142,6 +143,8 @@ class OffloadConfig:
     chunk_mb: float = 64  # MiB per read/compute/write chunk of the activation streams
     device: str = "auto"  # auto | cpu | cuda
     io: str = "auto"  # activation-stream backend: auto | aio (DeepSpeed async_io, O_DIRECT) | mmap (docs/IO.md)
+    precision: str = "auto"  # dtype policy (frugal_qat/precision.py): auto (the device's) | cpu | cuda (forced)
+    stream_dtype: str = "auto"  # activation streams: auto (fp16; bf16 for models that overflow it) | float16 | bfloat16
 
     def problems(self) -> list[str]:
         out = []
@@ -151,6 +154,10 @@ class OffloadConfig:
             out.append("offload.chunk_mb must be positive")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             out.append(f"offload.device={self.device!r}; choose auto, cpu or cuda")
+        if self.precision not in POLICIES:
+            out.append(f"offload.precision={self.precision!r}; choose {', '.join(POLICIES)}")
+        if self.stream_dtype not in STREAM_DTYPES:
+            out.append(f"offload.stream_dtype={self.stream_dtype!r}; choose {', '.join(STREAM_DTYPES)}")
         return out
 
 

@@ -102,6 +102,7 @@ def local_rank() -> int:
 def local_device(device: torch.device) -> torch.device:
     """This rank's GPU when ``device`` is CUDA and the run is data parallel (one GPU per process)."""
     if device.type == "cuda" and rank_world()[1] > 1:
+        torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return device
 

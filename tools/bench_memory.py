@@ -198,7 +198,7 @@ def worker_train(args, config: dict, prof) -> dict:
     """Block-AP on one block: build from random weights, wrap, a few steps, freeze, pack (block_ap/run.py's order)."""
     import torch
 
-    from frugal_qat.arch import arch_for, block_forward, build_block, hf_config, position_embeddings, rotary
+    from frugal_qat.arch import BlockRunner, arch_for, build_block, hf_config
     from frugal_qat.block_ap.train_block import freeze_block, make_optimizer, train_block, wrap_linears
     from frugal_qat.checkpoint.state import save_train_checkpoint
 
@@ -211,7 +211,7 @@ def worker_train(args, config: dict, prof) -> dict:
     state = {k: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s)) for k, s in shapes.items()}
     block = build_block(hf, arch, 0, state)
     del state  # the block holds the weights now, as run.py drops the prefetched state
-    rot = rotary(hf, arch)
+    runner = BlockRunner(hf, arch)
     prof.mark("phase", "block_ap")
     prof.mark("stage", "wrap")
     linears = wrap_linears(block, args.wbits, args.group_size, name="layers.0")
@@ -239,7 +239,7 @@ def worker_train(args, config: dict, prof) -> dict:
 
     prof.mark("stage", "step 1")
     t0 = time.perf_counter()
-    train_block(block, lambda mod, x: block_forward(mod, x, position_embeddings(rot, x)), batches,
+    train_block(block, lambda mod, x: runner(mod, 0, x), batches,
                 lambda: float("nan"), optimizer, epochs=1, steps_per_epoch=args.steps, min_lr_ratio=0.05,
                 max_grad_norm=0.0, start_step=0, checkpoint=checkpoint, ckpt_every=0, block_idx=0,
                 device=torch.device("cpu"), on_step=on_step)
@@ -260,7 +260,7 @@ def worker_e2e(args, config: dict, prof) -> dict:
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
-    from frugal_qat.arch import LINEAR_NAMES, arch_for, block_forward, hf_config, position_embeddings, rotary
+    from frugal_qat.arch import BlockRunner, arch_for, hf_config
     from frugal_qat.e2e_qp.run import make_optimizer
     from frugal_qat.quantizer import init_qparams, pack_linear, quantize
     from frugal_qat.quantizer.packed import PackedLinear
@@ -271,7 +271,7 @@ def worker_e2e(args, config: dict, prof) -> dict:
     with torch.device("meta"):
         block = arch.layer_cls(hf, layer_idx=0)
     g = torch.Generator().manual_seed(0)
-    for name in LINEAR_NAMES:  # one dense weight at a time, as a Block-AP run writes them
+    for name in arch.linears:  # one dense weight at a time, as a Block-AP run writes them
         lin = block.get_submodule(name)
         w = torch.randn(lin.out_features, lin.in_features, generator=g) * 0.02
         scale, zero = init_qparams(w, args.wbits, args.group_size)
@@ -285,7 +285,7 @@ def worker_e2e(args, config: dict, prof) -> dict:
         mod.weight = nn.Parameter(torch.ones(H), requires_grad=False)
     scales = [p for n, p in block.named_parameters() if n.endswith(".scales")]
     optimizer = make_optimizer(scales, "adamw8bit", 2e-5, torch.device("cpu"))
-    rot = rotary(hf, arch)
+    runner = BlockRunner(hf, arch)
     block.train()
     prof.mark("phase", "e2e_qp")
     for step in range(args.steps):
@@ -294,7 +294,7 @@ def worker_e2e(args, config: dict, prof) -> dict:
         # the block until backward recomputes it (gradient checkpointing per block, as e2e_qp/run.py)
         x = torch.randn(1, L, H, generator=g).requires_grad_(True)
         optimizer.zero_grad(set_to_none=True)
-        out = checkpoint(lambda t: block_forward(block, t, position_embeddings(rot, t)), x, use_reentrant=False)
+        out = checkpoint(lambda t: runner(block, 0, t), x, use_reentrant=False)
         loss = out.float().pow(2).mean()  # stands in for the rest of the model and the LM loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(scales, 0.3)

@@ -42,6 +42,8 @@ class Arch:
     name: str  # the `architectures[0]` of config.json
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class name prefix: Llama, Mistral, Qwen2
+    linears: tuple[str, ...] = LINEAR_NAMES  # the quantized linears of a block, in a fixed order
+    bf16_activations: bool = False  # hidden states exceed fp16's range: the streams are stored in bf16
 
     def _cls(self, suffix: str) -> type:
         import importlib
@@ -123,18 +125,52 @@ def build_block(cfg: PretrainedConfig, arch: Arch, i: int, state: dict[str, torc
 
 
 def rotary(cfg: PretrainedConfig, arch: Arch) -> nn.Module:
+    """The model's rotary-embedding module. Its ``inv_freq`` buffers are computed in fp32 and must stay fp32
+    (a bf16 ``inv_freq`` moves the angles at position 4000 by radians)."""
     return arch.rotary_cls(config=cfg)
 
 
-def position_embeddings(rot: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) for positions 0..L-1 of x [b, L, H]; one window per sample, always starting at 0."""
-    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-    with torch.no_grad():
-        cos, sin = rot(x, pos)
-    return cos, sin
+@dataclass(frozen=True)
+class LinearShape:
+    """One quantized linear of a block: ``W [out, in]``, grouped along ``in``."""
+
+    name: str  # relative to the block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    bias: bool
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, pos_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Run one decoder layer. Older transformers return a tuple (the reference reads ``[0]`` always)."""
-    out = block(x, attention_mask=None, position_embeddings=pos_emb)
-    return out[0] if isinstance(out, tuple) else out
+def linear_shapes(cfg: PretrainedConfig, arch: Arch, i: int = 0) -> tuple[LinearShape, ...]:
+    """The quantized linears of block ``i``, read off the architecture's own layer built on the meta device
+    (no memory): names, widths and biases come from transformers, not from a table of ours."""
+    with torch.device("meta"):
+        layer = arch.layer_cls(cfg, layer_idx=i)
+    out = []
+    for name in arch.linears:
+        lin = layer.get_submodule(name)
+        out.append(LinearShape(name, lin.in_features, lin.out_features, lin.bias is not None))
+    return tuple(out)
+
+
+class BlockRunner:
+    """Runs decoder layer ``i`` on hidden states ``x [b, L, H]`` as the model's own forward would: with the
+    position embeddings (positions 0..L-1: one window per sample, always starting at 0) it gives that layer.
+
+    Attention runs through SDPA with no mask, which is causal. The runner holds the rotary module (fp32 buffers)
+    on ``device``; it is the one way the runs call a block.
+    """
+
+    def __init__(self, cfg: PretrainedConfig, arch: Arch, device: torch.device | str = "cpu"):
+        self.cfg, self.arch = cfg, arch
+        self.rotary = rotary(cfg, arch).to(device)
+
+    def position_embeddings(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of layer ``i`` for the positions of ``x``."""
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = self.rotary(x, pos)
+        return cos, sin
+
+    def __call__(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = block(x, attention_mask=None, position_embeddings=self.position_embeddings(i, x))
+        return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple

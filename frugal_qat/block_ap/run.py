@@ -27,7 +27,6 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from frugal_qat.arch import LINEAR_NAMES, block_forward, position_embeddings
 from frugal_qat.block_ap.train_block import (
     TrainResult,
     freeze_block,
@@ -68,13 +67,15 @@ from frugal_qat.distributed import (
     shard_rows,
     sum_floats,
 )
-from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch
+from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
 from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner import PlanSettings, plan
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
+from frugal_qat.precision import Precision, dtype_name
+from frugal_qat.precision import resolve as resolve_precision
 from frugal_qat.quantizer import resolve_group_size
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,39 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``. A CUDA device becomes the current one, once, here: kernels
+    launched on the current device (Triton's), ``torch.cuda.memory_allocated()`` and the profiler then all mean
+    the run's GPU, not GPU 0."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
+        raise ConfigError(f"--device {name} was asked for but no CUDA device is visible; use --device cpu or auto")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def run_precision(cfg: RunConfig, device: torch.device, src: ModelSource) -> Precision:
+    """The precision policy of this run (``frugal_qat/precision.py``): the device's, or the one forced by
+    ``offload.precision``; bf16 streams where the architecture's activations overflow fp16."""
+    o = cfg.offload
+    return resolve_precision(device, o.precision, o.stream_dtype, needs_bf16_streams=src.arch.bf16_activations)
+
+
+def check_finite(x: torch.Tensor, block: int, stream: str, precision: Precision) -> None:
+    """A stream chunk must be finite before it is stored: an overflow found here names its block, instead of
+    surfacing blocks later as a diverged training."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        hint = ("store the streams in bf16: --stream-dtype bfloat16" if precision.stream_dtype == torch.float16
+                else "check the source weights of this block")
+        raise TrainingDiverged(f"block {block} produced {bad} non-finite values in the {stream} stream "
+                               f"({dtype_name(precision.stream_dtype)}); {hint}")
 
 
 def check_paths(model_dir: Path, out: Path) -> None:
@@ -103,20 +132,9 @@ def check_paths(model_dir: Path, out: Path) -> None:
 
 def check_layers(src: ModelSource, cfg: RunConfig) -> None:
     """Every quantized layer's width must admit the group size: refuse now, not inside block 17's training."""
-    h = src.hf
-    head_dim = getattr(h, "head_dim", None) or h.hidden_size // h.num_attention_heads
-    widths = {
-        "self_attn.q_proj": h.hidden_size,
-        "self_attn.k_proj": h.hidden_size,
-        "self_attn.v_proj": h.hidden_size,
-        "self_attn.o_proj": h.num_attention_heads * head_dim,
-        "mlp.gate_proj": h.hidden_size,
-        "mlp.up_proj": h.hidden_size,
-        "mlp.down_proj": h.intermediate_size,
-    }
-    for name in LINEAR_NAMES:
+    for lin in src.linear_shapes():
         try:
-            resolve_group_size(cfg.quant.group_size, widths[name], cfg.quant.wbits, name=f"layers.*.{name}")
+            resolve_group_size(cfg.quant.group_size, lin.in_features, cfg.quant.wbits, name=f"layers.*.{lin.name}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -263,6 +281,7 @@ def run_block_ap(
         raise ConfigError(f"block_ap.grad_accum={b.grad_accum} is not a multiple of the {world} processes; each "
                           f"process takes grad_accum/world micro-batches per step: use a multiple of {world}")
     device = local_device(pick_device(cfg.offload.device))
+    precision = run_precision(cfg, device, src)
     should_stop = agreed(should_stop)
     n_all, H, L = d.train_size + d.val_size, src.hidden, d.seqlen
     stream_shape = (n_all, L, H)
@@ -305,7 +324,7 @@ def run_block_ap(
         def embed() -> None:
             emb = src.embed_weight()
             for s in range(0, n_all, chunk):
-                x = emb[windows[s : s + chunk].long()].half()
+                x = src.embed(windows[s : s + chunk], emb).to(precision.stream_dtype)
                 fp.write(s, x)
                 qs.write(s, x)
 
@@ -314,7 +333,7 @@ def run_block_ap(
         commit()
 
     # 4. Block by block. Block i+1's tensors are read from the shards while block i trains.
-    rot = src.rotary().to(device)
+    runner = src.runner(device)
     weight_lr = b.resolved_weight_lr(q.wbits)
     steps_per_epoch = d.train_size // b.batch_size
     first = m.progress.block if m.progress.stage not in ("finalize", "done") else src.n_layers
@@ -330,17 +349,18 @@ def run_block_ap(
         block = src.block(i, state).to(device)
         del state  # the prefetcher already reads block i+1; drop our copy of block i's raw tensors
 
-        def run(mod, xs: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return torch.cat([
-                    block_forward(mod, to_device(xb), position_embeddings(rot, to_device(xb))).to("cpu", torch.float16)
-                    for xb in xs.split(b.micro_batch)
-                ])
+        def run(mod, xs: torch.Tensor, what: str) -> torch.Tensor:
+            """A stream chunk through block i (no grad, the policy's no-grad dtype), checked before it is stored."""
+            with torch.no_grad(), precision.nograd(device):
+                ys = torch.cat([runner(mod, i, to_device(xb)).to("cpu", precision.stream_dtype)
+                                for xb in xs.split(b.micro_batch)])
+            check_finite(ys, i, what, precision)
+            return ys
 
         # 4a. Targets: the full-precision block applied to the fp stream, in place.
         if m.progress.stage == "fp_update":
             mark("stage", "fp update")
-            update_in_place(fp_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-fp", clock=wait)
+            update_in_place(fp_mine, lambda x: run(block, x, "fp"), chunk, journal, tag=f"block{i}-fp", clock=wait)
             kill_point("after_fp_update")
             m.progress.stage = "train"
             commit()
@@ -372,10 +392,10 @@ def run_block_ap(
             if d.val_size == 0:
                 return float("nan")
             total, n = 0.0, 0
-            with torch.no_grad():
+            with torch.no_grad(), precision.nograd(device):
                 for micro in batches(0, lo=d.train_size, hi=n_all):
                     for x, y in micro:
-                        out_ = block_forward(block, x, position_embeddings(rot, x))
+                        out_ = runner(block, i, x)
                         total += torch.nn.functional.mse_loss(out_.float(), y, reduction="sum").item()
                         n += y.numel()
             total, n = sum_floats(total, n)
@@ -400,8 +420,8 @@ def run_block_ap(
                 inner.set_postfix(loss=f"{loss:.3e}", tok_s=f"{rate:.0f}", refresh=False)
 
             train_block(
-                block, lambda mod, x: block_forward(mod, x, position_embeddings(rot, x)), batches, validate, optimizer,
-                epochs=b.epochs, steps_per_epoch=steps_per_epoch, min_lr_ratio=b.min_lr_ratio,
+                block, lambda mod, x: runner(mod, i, x), batches, validate, optimizer,
+                precision=precision, epochs=b.epochs, steps_per_epoch=steps_per_epoch, min_lr_ratio=b.min_lr_ratio,
                 max_grad_norm=b.max_grad_norm, start_step=start_step, checkpoint=checkpoint,
                 ckpt_every=b.ckpt_every_steps, block_idx=i, device=device, on_step=on_step,
                 should_stop=should_stop, result=result,
@@ -416,7 +436,7 @@ def run_block_ap(
         freeze_block(block)
         if m.progress.stage == "q_update":
             mark("stage", "quant update")
-            update_in_place(qs_mine, lambda x: run(block, x), chunk, journal, tag=f"block{i}-quant", clock=wait)
+            update_in_place(qs_mine, lambda x: run(block, x, "quant"), chunk, journal, tag=f"block{i}-quant", clock=wait)
             kill_point("after_q_update")
             m.progress.stage = "save"
             commit()
@@ -466,7 +486,7 @@ def run_block_ap(
         if m.progress.stage == "finalize":
             mark("stage", "finalize")
             extra = extra_tensors(src.store.get, src.store.has, src.tied)
-            write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size)
+            write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size, src.arch.linears)
             m.progress.stage = "done"
             save_manifest(out, m)
             shutil.rmtree(work / "ckpt", ignore_errors=True)
@@ -488,6 +508,7 @@ def run_block_ap(
             "output_bytes": sum(f.stat().st_size for f in out.glob("**/*.safetensors") if "work" not in f.parts
                                 and f.name != "calib.safetensors"),
             "device": str(device),
+            "precision": precision.to_json(),
         }
         if world > 1:
             summary["world_size"] = world

@@ -5,9 +5,10 @@ the block train together; loss = MSE(qblock(x_quant), block_fp(x_fp)); AdamW wit
 rates (weights and norms: ``weight_lr``; scales and zeros: ``quant_lr``), cosine from lr to lr/20 with no warmup,
 a new optimizer for every block, samples in a fixed order.
 
-Departures (also in docs/METHOD.md): on CPU everything runs in fp32 (bf16 matmuls are pathologically slow on
-these CPUs); on CUDA we autocast to bf16, which needs no loss scaling. Gradient clipping is applied when
-``max_grad_norm > 0`` (the reference has the flag and ignores it). Non-finite losses stop the run with an error.
+Departures (also in docs/METHOD.md): the dtypes are the precision policy's (``frugal_qat/precision.py``): fp32 on
+CPU (bf16 matmuls are pathologically slow on these CPUs), bf16 autocast over fp32 masters on CUDA, which needs no
+loss scaling. Gradient clipping is applied when ``max_grad_norm > 0`` (the reference has the flag and ignores it).
+Non-finite losses stop the run with an error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from frugal_qat.distributed import all_reduce_sum_, rank_world, sum_floats
 from frugal_qat.errors import TrainingDiverged
+from frugal_qat.precision import Precision
 from frugal_qat.quantizer import QuantLinear
 from frugal_qat.quantizer.primitives import SCALE_MIN
 
@@ -87,8 +88,42 @@ class TrainResult:
     steps: int = 0
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def train_step(
+    block: nn.Module,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    device: torch.device,
+    *,
+    lr: Callable[[float], float] | None = None,
+    world: int = 1,
+    before_step: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One optimizer step on the micro-batches ``micro`` [(input, target)]: MSE under the policy's training dtype,
+    gradients accumulated over the micro-batches (their mean equals the full batch's loss), then
+    ``before_step(loss)`` (summing across ranks, the finite check, clipping), the AdamW step and the scale clamp.
+
+    Returns the step's loss as a 0-d tensor (no ``.item()`` here: the planner's simulation runs this function on
+    fake tensors, which have no values). ``lr(base_lr)``: each param group's lr for this step.
+    """
+    if lr is not None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr(g["base_lr"])
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: sums as exactly as Python floats
+    for x, y in micro:
+        with precision.train(device):
+            out = forward(block, x)
+        # Data parallel: each of the N ranks holds len(micro) of the step's len(micro) * N micro-batches.
+        loss = torch.nn.functional.mse_loss(out.float(), y.float()) / (len(micro) * world)
+        loss.backward()
+        step_loss += loss.detach().double()
+    if before_step is not None:
+        before_step(step_loss)
+    optimizer.step()
+    keep_scales_positive(block)
+    return step_loss
 
 
 def train_block(
@@ -98,6 +133,7 @@ def train_block(
     validate: Callable[[], float],
     optimizer: torch.optim.AdamW,
     *,
+    precision: Precision,
     epochs: int,
     steps_per_epoch: int,
     min_lr_ratio: float,
@@ -128,29 +164,26 @@ def train_block(
         epoch, first = divmod(step, steps_per_epoch)
         loss_sum, n = 0.0, 0
         for micro in batches(first):
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, total, g["base_lr"], min_lr_ratio)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for x, y in micro:  # gradient accumulation: the mean over micro-batches equals the full batch's loss
-                with autocast(device):
-                    out = forward(block, x)
-                # Data parallel: each of the N ranks holds len(micro) of the step's len(micro) * N micro-batches.
-                loss = torch.nn.functional.mse_loss(out.float(), y.float()) / (len(micro) * world)
-                loss.backward()
-                step_loss += loss.item()
-            if world > 1:  # the sum over ranks of the 1/(len(micro) * N)-scaled gradients: the full batch's
-                all_reduce_sum_([p.grad for p in params if p.grad is not None])
-                (step_loss,) = sum_floats(step_loss)
-            if not math.isfinite(step_loss):  # before any optimizer step, on every rank alike
-                raise TrainingDiverged(
-                    f"block {block_idx}, step {step}: loss is {step_loss}; lower --weight-lr/--quant-lr "
-                    "or check the source weights (a bf16 model run in fp16 overflows)"
-                )
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            keep_scales_positive(block)
+            losses: list[float] = []
+
+            def before_step(step_loss: torch.Tensor) -> None:
+                """Sum across ranks, refuse a non-finite loss (before any weight moves, on every rank alike), clip."""
+                loss = step_loss.item()
+                if world > 1:  # the sum over ranks of the 1/(len(micro) * N)-scaled gradients: the full batch's
+                    all_reduce_sum_([p.grad for p in params if p.grad is not None])
+                    (loss,) = sum_floats(loss)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"block {block_idx}, step {step}: loss is {loss}; lower --weight-lr/--quant-lr "
+                        "or check the source weights (a bf16 model run in fp16 overflows)"
+                    )
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                losses.append(loss)
+
+            train_step(block, forward, micro, optimizer, precision, device,
+                       lr=lambda base: cosine_lr(step, total, base, min_lr_ratio), world=world, before_step=before_step)
+            step_loss = losses[0]
             step += 1
             loss_sum += step_loss
             n += 1

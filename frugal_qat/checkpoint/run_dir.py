@@ -46,7 +46,7 @@ def block_file(run_dir: Path, i: int) -> Path:
     return Path(run_dir) / "blocks" / f"block_{i:05d}.safetensors"
 
 
-def quantization_config(wbits: int, group_size: int) -> dict[str, Any]:
+def quantization_config(wbits: int, group_size: int, linears: tuple[str, ...]) -> dict[str, Any]:
     return {
         "quant_method": "frugal_qat",
         "bits": wbits,
@@ -55,7 +55,7 @@ def quantization_config(wbits: int, group_size: int) -> dict[str, Any]:
         "desc_act": False,
         "zero_point": "v2",  # stored as is (GPTQ v2 convention)
         "pack_layout": "gptq_bitstream_lsb_first",  # GPTQ's layout for 2/4/8 bits and its 3-bit layout
-        "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "modules": [name.rsplit(".", 1)[-1] for name in linears],
     }
 
 
@@ -68,12 +68,12 @@ def save_block(run_dir: Path, i: int, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_model_files(run_dir: Path, source_dir: Path, config: dict[str, Any], extra: dict[str, torch.Tensor],
-                      n_layers: int, wbits: int, group_size: int) -> None:
+                      n_layers: int, wbits: int, group_size: int, linears: tuple[str, ...]) -> None:
     """Everything but the blocks: config with its quantization section, 16-bit extra tensors, tokenizer, index."""
     run_dir = Path(run_dir)
     atomic_save_tensors(run_dir / EXTRA_FILE, extra, metadata={"format": "pt"})
     cfg = dict(config)
-    cfg["quantization_config"] = quantization_config(wbits, group_size)
+    cfg["quantization_config"] = quantization_config(wbits, group_size, linears)
     atomic_write_json(run_dir / "config.json", cfg)
     for name in TOKENIZER_FILES:
         src = Path(source_dir) / name

@@ -42,6 +42,8 @@ RUN_FLAGS = {
     "chunk_mb": "offload.chunk_mb",
     "io": "offload.io",
     "device": "offload.device",
+    "precision": "offload.precision",
+    "stream_dtype": "offload.stream_dtype",
 }
 
 
@@ -60,6 +62,7 @@ E2E_FLAGS = {
     "logits_chunk": "e2e_qp.logits_chunk",
     "seed": "e2e_qp.seed",
     "device": "offload.device",
+    "precision": "offload.precision",
 }
 
 
@@ -367,7 +370,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
     p.add_argument("--chunk-mb", type=float, help="MiB per stream read/write chunk")
     p.add_argument("--io", choices=["auto", "aio", "mmap"], help="activation-stream I/O backend (docs/IO.md)")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["auto", "cpu", "cuda"],
+                   help="dtype policy: the device's (auto), or another's forced (cuda on a CPU: tests)")
+    p.add_argument("--stream-dtype", choices=["auto", "float16", "bfloat16"],
+                   help="activation streams on disk (auto: fp16, bf16 for models whose activations overflow it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K optimizer steps")
     p.add_argument("--logits-chunk", type=int, help="tokens per lm_head/loss chunk")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["auto", "cpu", "cuda"],
+                   help="dtype policy: the device's (auto), or another's forced (cuda on a CPU: tests)")
     p.add_argument("--deepspeed", nargs="?", const=True, metavar="CONFIG.json",
                    help="data parallel on DeepSpeed ZeRO-2; a JSON merged over OUT/deepspeed_config.json")
     p.add_argument("--profile", metavar="PREFIX",

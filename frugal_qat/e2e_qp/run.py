@@ -6,8 +6,10 @@
        checkpoint every K steps -> write the run directory with the new scales
 
 Paper (EfficientQAT §3.3): weights and zero points frozen, scales trained with AdamW (8-bit, paged on GPU),
-cosine schedule with 3 % warmup, gradient clipping 0.3, gradient checkpointing. On CPU we compute in fp32 and use
-bitsandbytes' 8-bit AdamW, which runs on CPU without paging (its CPU build says paged optimizers are CUDA-only).
+cosine schedule with 3 % warmup, gradient clipping 0.3, gradient checkpointing. Dtypes are the precision policy's
+(``frugal_qat/precision.py``): on CUDA a bf16 model (embeddings, norms, lm_head, so the residual stream and the
+checkpointed block inputs are bf16) under bf16 autocast, with fp32 scale masters; on CPU everything fp32. On CPU
+bitsandbytes' 8-bit AdamW runs without paging (its CPU build says paged optimizers are CUDA-only).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from frugal_qat.arch import LINEAR_NAMES
+from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
 from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, block_file, save_block
 from frugal_qat.checkpoint.state import (
     Manifest,
@@ -52,6 +54,8 @@ from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, Resum
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.planner import PlanSettings
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
+from frugal_qat.precision import Precision
+from frugal_qat.precision import resolve as resolve_precision
 from frugal_qat.quantizer.packed import PackedLinear
 from frugal_qat.quantizer.primitives import SCALE_MIN
 
@@ -61,38 +65,70 @@ log = logging.getLogger(__name__)
 # ---- the model over packed weights --------------------------------------------------------------------------------
 
 
-def build_packed_model(run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelSource]:
+PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def assemble_packed_model(src: ModelSource, block_tensors: Callable[[int], dict[str, torch.Tensor]],
+                          extra: Callable[[str], torch.Tensor], bits: int, group: int, device: torch.device,
+                          dtype: torch.dtype) -> nn.Module:
     """A transformers causal LM whose linears are PackedLinear (int32 codes; fp32 trainable scales), built on the
-    meta device and filled block by block from the run's files. Everything but the scales is frozen."""
-    src = ModelSource(run_dir)
-    if src.quant is None:
-        raise ConfigError(f"{run_dir} is not a quantized frugal-qat run; run `frugal-qat block-ap` first")
-    bits, group = src.quant["bits"], src.quant["group_size"]
+    meta device and filled block by block: ``block_tensors(i)`` gives block i's packed tensors (keys relative to
+    the block), ``extra(key)`` the embeddings, final norm and lm_head. Frozen tensors (embeddings, norms, lm_head,
+    biases) are stored in ``dtype`` (the policy's ``e2e_dtype``). Everything but the scales is frozen.
+
+    The run (:func:`build_packed_model`) fills it from the run's files; the planner's simulation from fake tensors
+    of the same shapes, so both measure the same model.
+    """
     with torch.device("meta"):
         model = src.arch.causal_lm_cls(src.hf)
     for i, layer in enumerate(model.model.layers):
-        raw = src.store.block_state(i, dtype=None)
-        for name in LINEAR_NAMES:
+        raw = block_tensors(i)
+        for name in src.arch.linears:
             lin = layer.get_submodule(name)
-            packed = {k: raw[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            packed = {k: raw[f"{name}.{k}"].to(device) for k in PACKED_KEYS}
             if f"{name}.bias" in raw:
                 packed["bias"] = raw[f"{name}.bias"].to(device, dtype)
             new = PackedLinear.from_packed(packed, bits, group, lin.in_features, lin.out_features)
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, new)
-        for key, t in raw.items():
-            if key.endswith("layernorm.weight"):
-                layer.get_submodule(key.rsplit(".", 1)[0]).weight = nn.Parameter(t.to(device, dtype), requires_grad=False)
-    model.model.embed_tokens.weight = nn.Parameter(src.embed_weight().to(device, dtype), requires_grad=False)
-    model.model.norm.weight = nn.Parameter(src.store.get("model.norm.weight").to(device, dtype), requires_grad=False)
+        others = {k: v.to(device, dtype) for k, v in raw.items() if k.rsplit(".", 1)[0] not in src.arch.linears}
+        _assign_frozen(layer, others, f"block {i}")
+    _assign_frozen(model, {EMBED_KEY: extra(EMBED_KEY).to(device, dtype), NORM_KEY: extra(NORM_KEY).to(device, dtype)},
+                   "embeddings")
     if src.tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
-        model.lm_head.weight = nn.Parameter(src.lm_head_weight().to(device, dtype), requires_grad=False)
-    model.model.rotary_emb = src.rotary().to(device)  # its inv_freq buffer is computed, not loaded
+        _assign_frozen(model, {LM_HEAD_KEY: extra(LM_HEAD_KEY).to(device, dtype)}, "lm_head")
+    fresh_rotary(model, src, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
-        raise ConfigError(f"could not fill {leftover[:3]} from {run_dir}")
+        raise ConfigError(f"could not fill {leftover[:3]} of the packed model")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith(".scales"))
+    return model
+
+
+def _assign_frozen(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ConfigError(f"{what}: tensors {result.unexpected_keys[:3]} do not belong to the model")
+
+
+def fresh_rotary(model: nn.Module, src: ModelSource, device: torch.device) -> None:
+    """Give the model a rotary module computed anew in fp32. Its ``inv_freq`` is a buffer: built on meta it has no
+    values, and DeepSpeed's bf16 mode casts every floating buffer to bf16, which moves the RoPE angles at position
+    4000 by radians. Called after building the model and again after ``deepspeed.initialize``."""
+    model.model.rotary_emb = src.rotary().to(device)
+
+
+def build_packed_model(run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelSource]:
+    """The packed model of the Block-AP run ``run_dir``, read one block at a time (:func:`assemble_packed_model`)."""
+    src = ModelSource(run_dir)
+    if src.quant is None:
+        raise ConfigError(f"{run_dir} is not a quantized frugal-qat run; run `frugal-qat block-ap` first")
+    model = assemble_packed_model(src, lambda i: src.store.block_state(i, dtype=None),
+                                  lambda key: src.lm_head_weight() if key == LM_HEAD_KEY else src.store.get(key),
+                                  src.quant["bits"], src.quant["group_size"], device, dtype)
     return model, src
 
 
@@ -139,16 +175,60 @@ def _ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.nn.functional.cross_entropy((h @ weight.T).float(), y, ignore_index=-100, reduction="sum")
 
 
-def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy and the token count. The lm_head runs over ``chunk`` tokens at a time
-    under activation checkpointing, so [tokens, vocab] logits exist for one chunk only, forward and backward."""
+def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                    chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy and the token count (both 0-d tensors). The lm_head runs over ``chunk``
+    tokens at a time under activation checkpointing, so [tokens, vocab] logits exist for one chunk only, forward
+    and backward."""
     hidden = model.model(input_ids=input_ids).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for a in range(0, h.shape[0], chunk):
         total = total + checkpoint(_ce_sum, h[a : a + chunk], model.lm_head.weight, y[a : a + chunk], use_reentrant=False)
-    return total, int((y != -100).sum())
+    return total, (y != -100).sum()
+
+
+def e2e_step(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
+             scales: list[nn.Parameter], precision: Precision, device: torch.device, *, grad_accum: int,
+             logits_chunk: int, max_grad_norm: float, engine=None,
+             before_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One E2E-QP optimizer step on this process's micro-batches ``micro`` [(input_ids, labels)].
+
+    Each micro-batch's mean token loss, divided by ``grad_accum``, is back-propagated under the policy's dtypes;
+    then ``before_step(step_loss)`` (the finite check), clipping, the optimizer step and the scale clamp. Under
+    DeepSpeed (``engine``) the engine does the accumulation, the reduction across ranks and the clipping.
+    Returns the token count as a 0-d tensor (no ``.item()``: the planner's simulation runs this on fake tensors).
+    """
+    if engine is None:
+        optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: sums as exactly as Python floats
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    for j, (x, y) in enumerate(micro):
+        with precision.e2e(device):
+            loss_sum, count = chunked_lm_loss(model, x, y, logits_chunk) if engine is None else engine(x, y)
+        mean = loss_sum / count.clamp(min=1)
+        if engine is None:
+            (mean / grad_accum).backward()
+        else:
+            # DeepSpeed divides by its accumulation steps (grad_accum / N) and averages over the N ranks:
+            # the same 1/grad_accum per micro-batch as the single process.
+            engine.backward(mean)
+            if j < len(micro) - 1:
+                engine.step()  # a micro-step: counts toward DeepSpeed's accumulation boundary, updates nothing
+        step_loss += (mean.detach() / grad_accum).double()
+        tokens += count
+    if before_step is not None:
+        before_step(step_loss)
+    if engine is None:
+        torch.nn.utils.clip_grad_norm_(scales, max_grad_norm)
+        optimizer.step()
+    else:
+        engine.step()  # the boundary: gradients reduced across ranks, clipped, optimizer step
+    with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
+        for p in [*scales, *(fp32_masters(engine.optimizer) if engine is not None else [])]:
+            p.clamp_(min=SCALE_MIN)
+    return tokens
 
 
 def warmup_cosine(step: int, total: int, lr: float, warmup_ratio: float) -> float:
@@ -189,7 +269,7 @@ class ScalesLoss(nn.Module):
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return chunked_lm_loss(self.model, input_ids, labels, self.chunk)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -274,7 +354,8 @@ def run_e2e_qp(
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
     mark("stage", "build model")
-    model, src = build_packed_model(run_dir, device)
+    precision = resolve_precision(device, cfg.offload.precision)
+    model, src = build_packed_model(run_dir, device, precision.e2e_dtype)
     ids, labels = data
     source = {"path": str(run_dir), "fingerprint": src.store.fingerprint()}
     ckpt = out / "e2e_checkpoint.safetensors"  # single process: scales + optimizer state, one file
@@ -314,10 +395,6 @@ def run_e2e_qp(
     m = on_rank0(open_out)
 
     scales = named_scales(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in scales.values():
-        p.requires_grad_(True)
     optimizer = make_optimizer(list(scales.values()), e.optimizer, e.resolved_lr(src.quant["bits"]), device)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # per block
     model.train()
@@ -327,6 +404,7 @@ def run_e2e_qp(
 
         # The optimizer stays ours: DeepSpeed partitions its state and steps it; lr is still set on its groups.
         engine, *_ = deepspeed.initialize(model=ScalesLoss(model, e.logits_chunk), optimizer=optimizer, config=ds_cfg)
+        fresh_rotary(model, src, device)  # DeepSpeed's bf16 mode cast inv_freq to bf16
         sizes = [p.numel() for p in scales.values()]
         if ds_run["zero_stage"] and "8bit" in type(optimizer).__name__ and (
                 any(n % 256 for n in sizes) or sum(sizes) % (256 * world)):
@@ -367,39 +445,26 @@ def run_e2e_qp(
         rows = order(epoch)[k * per_step : (k + 1) * per_step]
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, total, lr, e.warmup_ratio)
-        if engine is None:
-            optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens = 0.0, 0
         mine = rows.split(e.batch_size)[rank::world]  # this rank's micro-batches: r, r+N, ...
-        for j, micro in enumerate(mine):
-            x, y = ids[micro].to(device), labels[micro].to(device)
-            if engine is None:
-                loss_sum, count = chunked_lm_loss(model, x, y, e.logits_chunk)
-                loss = loss_sum / max(count, 1) / e.grad_accum
-                if not torch.isfinite(loss):
-                    raise diverged(loss.item())
-                loss.backward()
-            else:
-                loss_sum, count = engine(x, y)
-                # DeepSpeed divides by its accumulation steps (grad_accum / N) and averages over the N ranks:
-                # the same 1/grad_accum per micro-batch as the single process.
-                engine.backward(loss_sum / max(count, 1))
-                loss = loss_sum.detach() / max(count, 1) / e.grad_accum
-                if j < len(mine) - 1:
-                    engine.step()  # a micro-step: counts toward DeepSpeed's accumulation boundary, updates nothing
-            step_loss += loss.item()
-            step_tokens += count
-        if engine is None:
-            torch.nn.utils.clip_grad_norm_(list(scales.values()), e.max_grad_norm)
-            optimizer.step()
-        else:
-            step_loss, step_tokens = sum_floats(step_loss, step_tokens)
-            if not math.isfinite(step_loss):  # checked on the summed loss, so every rank stops alike
-                raise diverged(step_loss)
-            engine.step()  # the boundary: gradients reduced across ranks, clipped, optimizer step
-        with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
-            for p in [*scales.values(), *(fp32_masters(engine.optimizer) if engine is not None else [])]:
-                p.clamp_(min=SCALE_MIN)
+        micro = [(ids[r].to(device), labels[r].to(device)) for r in mine]
+        losses: list[float] = []
+
+        def before_step(loss: torch.Tensor) -> None:
+            """Refuse a non-finite loss before any scale moves (summed over the ranks, so every rank stops alike)."""
+            value = loss.item()
+            if engine is not None:
+                (value,) = sum_floats(value)
+            if not math.isfinite(value):
+                raise diverged(value)
+            losses.append(value)
+
+        step_tokens = e2e_step(model, micro, optimizer, list(scales.values()), precision, device,
+                               grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, max_grad_norm=e.max_grad_norm,
+                               engine=engine, before_step=before_step)
+        step_loss, step_tokens = losses[0], step_tokens.item()
+        if engine is not None:
+            (step_tokens,) = sum_floats(step_tokens)
+            step_tokens = int(step_tokens)
         step += 1
         tokens_seen += step_tokens
         m.extra["losses"].append(round(step_loss, 6))
@@ -437,7 +502,7 @@ def run_e2e_qp(
             mark("stage", "write")
             for i in range(src.n_layers):
                 tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
-                for name in LINEAR_NAMES:
+                for name in src.arch.linears:
                     tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
                 save_block(out, i, tensors)
             for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
@@ -449,7 +514,7 @@ def run_e2e_qp(
             shutil.rmtree(ds_dir, ignore_errors=True)
         summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"],
                    "seconds": round(time.time() - t_start, 3), "optimizer": type(optimizer).__name__,
-                   "device": str(device), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers)),
+                   "device": str(device), "precision": precision.to_json(), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers)),
                    "peak_rss_bytes": peak_rss()}
         if ds_run is not None:
             summary["deepspeed"] = ds_run

@@ -17,30 +17,34 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from frugal_qat.arch import block_forward, position_embeddings
 from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import prefetch
+from frugal_qat.precision import Precision
+from frugal_qat.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def run_blocks(src: ModelSource, stream: Stream, device: torch.device, batch_size: int, chunk_mb: int,
-               desc: str = "eval", show: bool = True) -> None:
-    """stream <- block_{n-1}(...block_0(stream)), one block in memory, the next one read in the background."""
-    rot = src.rotary().to(device)
+               desc: str = "eval", show: bool = True, precision: Precision | None = None) -> None:
+    """stream <- block_{n-1}(...block_0(stream)), one block in memory, the next one read in the background.
+    Blocks run under the policy's no-grad dtype (bf16 autocast over the fp32 stream on CUDA, fp32 on CPU)."""
+    precision = precision or resolve_precision(device)
+    runner = src.runner(device)
     chunk = chunk_samples(stream.shape, chunk_mb, stream.itemsize)
     bar = tqdm(total=src.n_layers, desc=desc, unit="block", disable=not show, leave=False)
     for i, state in prefetch(src.block_state, range(src.n_layers), depth=1):
         block = src.block(i, state).to(device)
         del state
 
-        def apply(x: torch.Tensor, block: torch.nn.Module = block) -> torch.Tensor:
+        def apply(x: torch.Tensor, block: torch.nn.Module = block, i: int = i) -> torch.Tensor:
             outs = []
             for xb in x.split(batch_size):
                 xb = xb.to(device, torch.float32)
-                outs.append(block_forward(block, xb, position_embeddings(rot, xb)).to("cpu", x.dtype))
+                with precision.nograd(device):
+                    outs.append(runner(block, i, xb).to("cpu", x.dtype))
             return torch.cat(outs)
 
         update_in_place(stream, apply, chunk, journal=None, tag=f"eval-{i}")
@@ -69,7 +73,7 @@ def perplexity(
         stream = Stream(Path(tmp) / "hidden.bin", (n, seqlen, src.hidden), create=True, dtype=torch.float32)
         emb = src.embed_weight()
         for s in range(0, n, batch_size):
-            stream.write(s, emb[windows[s : s + batch_size]].float())
+            stream.write(s, src.embed(windows[s : s + batch_size], emb).float())
         del emb
         run_blocks(src, stream, device, batch_size, chunk_mb, show=show_progress)
         norm = src.final_norm().to(device)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from frugal_qat import __version__
-from frugal_qat.arch import EMBED_KEY, LINEAR_NAMES, LM_HEAD_KEY, NORM_KEY
+from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
 from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES
 from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json, read_json
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
@@ -144,7 +144,7 @@ def open_run(run_dir: str | Path) -> ModelSource:
     if not (run_dir / INDEX_FILE).is_file():
         raise CorruptCheckpoint(f"{run_dir / INDEX_FILE} is missing; the run did not finish, resume it first")
     modules = set(src.quant.get("modules", []))
-    expected = {name.rsplit(".", 1)[1] for name in LINEAR_NAMES}
+    expected = {name.rsplit(".", 1)[1] for name in src.arch.linears}
     if modules != expected:
         # Formats below name "every Linear but lm_head" as quantized; a run of another set would be mislabelled.
         raise ConfigError(
@@ -216,9 +216,9 @@ def write_model_files(src: ModelSource, out: Path, quantization_config: dict[str
             shutil.copyfile(path, out / name)
 
 
-def linear_keys(i: int) -> list[str]:
+def linear_keys(src: ModelSource, i: int) -> list[str]:
     """Full names (without the tensor suffix) of block i's quantized linears."""
-    return [f"model.layers.{i}.{name}" for name in LINEAR_NAMES]
+    return [f"model.layers.{i}.{name}" for name in src.arch.linears]
 
 
 __all__ = ["FORMATS", "REPORT_FILE", "export_run"]

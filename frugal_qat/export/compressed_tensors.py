@@ -50,7 +50,7 @@ def export_compressed_tensors(src: ModelSource, out: Path) -> dict[str, Any]:
         raw = src.store.block_state(i, dtype=None)
         prefix = block_prefix(i)
         out_t = {}
-        linears = [name[len(prefix):] for name in linear_keys(i)]
+        linears = [name[len(prefix):] for name in linear_keys(src, i)]
         for name in linears:
             out_t.update({prefix + name + "." + k: v for k, v in pack_linear_ct(raw, name, bits).items()})
         for key, t in raw.items():

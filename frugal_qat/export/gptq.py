@@ -106,7 +106,7 @@ def quantization_config(bits: int, group_size: int, checkpoint_format: str) -> d
 def _preflight(src: ModelSource, bits: int, zero_point: str) -> None:
     """Check every linear's packed shapes (and, for v1, that no z is 0), reading only the small tensors."""
     for i in range(src.n_layers):
-        for name in linear_keys(i):
+        for name in linear_keys(src, i):
             scales = src.store.get(f"{name}.scales")
             g_idx = src.store.get(f"{name}.g_idx").to(torch.int64)
             n_in, n_out = g_idx.numel(), scales.shape[1]

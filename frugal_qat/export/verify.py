@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import torch
 
-from frugal_qat.arch import EMBED_KEY, LINEAR_NAMES, LM_HEAD_KEY, NORM_KEY, block_prefix
+from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
 from frugal_qat.errors import CorruptCheckpoint
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.weights import WeightStore, read_config
@@ -140,7 +140,7 @@ def check_weights(run_dir: str | Path, out_dir: str | Path, fmt: str) -> dict[st
         theirs_raw = exp.block_state(i, dtype=None)  # keys relative to the block
         for key, ours in src.block_state(i).items():
             owner, kind = key.rsplit(".", 1)
-            if fmt != "fp16" and owner in LINEAR_NAMES and kind == "weight":
+            if fmt != "fp16" and owner in src.arch.linears and kind == "weight":
                 theirs = dense_linear({k.rsplit(".", 1)[1]: v for k, v in theirs_raw.items()
                                        if k.rsplit(".", 1)[0] == owner}, fmt, quant)
             else:

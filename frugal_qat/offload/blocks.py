@@ -16,9 +16,12 @@ from frugal_qat.arch import (
     EMBED_KEY,
     LM_HEAD_KEY,
     NORM_KEY,
+    BlockRunner,
+    LinearShape,
     arch_for,
     build_block,
     hf_config,
+    linear_shapes,
     rotary,
 )
 from frugal_qat.checkpoint.run_dir import read_quant_config
@@ -64,8 +67,21 @@ class ModelSource:
     def rotary(self) -> nn.Module:
         return rotary(self.hf, self.arch)
 
+    def runner(self, device: torch.device | str = "cpu") -> BlockRunner:
+        """What runs block i on hidden states: ``src.runner(device)(block, i, x)``."""
+        return BlockRunner(self.hf, self.arch, device)
+
+    def linear_shapes(self) -> tuple[LinearShape, ...]:
+        return linear_shapes(self.hf, self.arch)
+
     def embed_weight(self) -> torch.Tensor:
         return self.store.get(EMBED_KEY)
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Block 0's input for token ids ``[b, L]``: ``[b, L, H]`` in the embedding table's dtype. ``weight``: the
+        table, when the caller already holds it (it is read from the shards otherwise)."""
+        weight = self.embed_weight() if weight is None else weight
+        return weight[ids.long()]
 
     def final_norm(self) -> nn.Module:
         norm = self.arch.norm_cls(self.hidden, eps=self.hf.rms_norm_eps)

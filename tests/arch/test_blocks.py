@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from frugal_qat.arch import arch_for, block_forward, position_embeddings
+from frugal_qat.arch import arch_for
 from frugal_qat.errors import UnsupportedModel
 from frugal_qat.offload.blocks import ModelSource
 from tests.conftest import save_tiny_model
@@ -20,11 +20,11 @@ def test_streamed_block_matches_full_model(tmp_path, arch):
     with torch.no_grad():
         hs = full(ids, output_hidden_states=True).hidden_states
     src = ModelSource(path)
-    rot = src.rotary()
+    runner = src.runner()
     for i in range(2):  # the last hidden state has the final norm applied, so compare the inner layers
         block = src.block(i)
         with torch.no_grad():
-            out = block_forward(block, hs[i], position_embeddings(rot, hs[i]))
+            out = runner(block, i, hs[i])
         torch.testing.assert_close(out, hs[i + 1], rtol=1e-5, atol=1e-5)
 
 
@@ -36,13 +36,13 @@ def test_qwen2_has_qkv_bias(tmp_path):
 def test_causality(tmp_path):
     """Changing a later token never changes an earlier position's output (SDPA without a mask is causal)."""
     src = ModelSource(save_tiny_model(tmp_path / "m"))
-    block, rot = src.block(0), src.rotary()
+    block, runner = src.block(0), src.runner()
     x = torch.randn(1, 16, 64)
     y = x.clone()
     y[:, 10:] += 1
     with torch.no_grad():
-        a = block_forward(block, x, position_embeddings(rot, x))
-        b = block_forward(block, y, position_embeddings(rot, y))
+        a = runner(block, 0, x)
+        b = runner(block, 0, y)
     assert torch.equal(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
