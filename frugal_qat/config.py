@@ -21,13 +21,20 @@ from frugal_qat.precision import POLICIES, STREAM_DTYPES
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
+GGUF_TYPES = ("q4_k", "q3_k", "q2_k", "q4_0", "q4_1", "q5_0", "q8_0")
+SAMPLINGS = ("documents", "joined")
+
+
 @dataclass
 class QuantConfig:
     wbits: int = 4
     group_size: int = 128  # -1: one group per output row
+    gguf: str | None = None  # train in a GGUF grid (docs/GGUF.md): q4_k | q3_k | q2_k | q4_0 | q4_1 | q5_0 | q8_0
 
     def problems(self) -> list[str]:
         out = []
+        if self.gguf is not None and self.gguf not in GGUF_TYPES:
+            out.append(f"quant.gguf={self.gguf!r} is not a GGUF type we train in; choose one of {list(GGUF_TYPES)}")
         if self.wbits not in SUPPORTED_BITS:
             out.append(f"quant.wbits={self.wbits} is not supported; choose one of {list(SUPPORTED_BITS)}")
         if self.group_size != -1 and self.group_size <= 0:
@@ -42,9 +49,14 @@ class DataConfig:
     val_size: int = 64  # held-out windows for the per-epoch validation MSE
     seqlen: int = 2048
     seed: int = 2
+    # documents: each window at a random offset inside one document at least a window long (the reference's way);
+    # joined: windows cut from all documents joined with EOS (crosses document boundaries)
+    sampling: str = "documents"
 
     def problems(self) -> list[str]:
         out = []
+        if self.sampling not in SAMPLINGS:
+            out.append(f"data.sampling={self.sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         for name in ("train_size", "seqlen"):
             if getattr(self, name) <= 0:
                 out.append(f"data.{name}={getattr(self, name)} must be positive")

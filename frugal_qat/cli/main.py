@@ -31,6 +31,8 @@ RUN_FLAGS = {
     "val_size": "data.val_size",
     "seqlen": "data.seqlen",
     "seed": "data.seed",
+    "sampling": "data.sampling",
+    "gguf": "quant.gguf",
     "epochs": "block_ap.epochs",
     "batch_size": "block_ap.batch_size",
     "grad_accum": "block_ap.grad_accum",
@@ -360,6 +362,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, help="held-out windows for the validation MSE")
     p.add_argument("--seqlen", type=int, help="tokens per window")
     p.add_argument("--seed", type=int)
+    p.add_argument("--sampling", choices=["documents", "joined"],
+                   help="calibration windows: inside single documents (the reference's way) or cut from all text joined")
+    p.add_argument("--gguf", choices=["q4_k", "q3_k", "q2_k", "q4_0", "q4_1", "q5_0", "q8_0"],
+                   help="train in a GGUF (llama.cpp) grid, so `export --format gguf` holds exactly what was trained")
     p.add_argument("--epochs", type=int, help="epochs per block; 0 = round-to-nearest")
     p.add_argument("--batch-size", type=int, help="samples per optimizer step")
     p.add_argument("--grad-accum", type=int, help="split each step into this many micro-batches (same result, less memory)")
