@@ -121,18 +121,20 @@ def _run_config(args, flags: dict[str, str] = RUN_FLAGS):
 @contextlib.contextmanager
 def _profiled(args, phase: str, plan_for: Callable[[], object], title: str):
     """With ``--profile PREFIX``: run the body under the memory profiler (PREFIX.json, PREFIX.png) with the
-    planner's prediction beside each measured peak, and print the per-block table. Yields the run's ``mark``."""
+    planner's prediction beside each measured peak, and print the per-block table. Yields the run's ``mark``
+    (which also logs the stages for the random-kill harness when FRUGAL_QAT_STAGE_FILE is set)."""
+    from frugal_qat.checkpoint.store import stage_log
     from frugal_qat.planner.profile import Profiler, format_profile, no_mark, predicted_peaks
 
     prefix = getattr(args, "profile", None)
     if not prefix or not _is_rank0():
-        yield no_mark
+        yield stage_log(no_mark)
         return
     prefix = Path(prefix)
     with Profiler(prefix.with_suffix(".json"), prefix.with_suffix(".png"), prediction=predicted_peaks(plan_for()),
                   title=title) as prof:
         prof.mark("phase", phase)
-        yield prof.mark
+        yield stage_log(prof.mark)
     print(format_profile(prof.result))
     print(f"profile: {prefix.with_suffix('.json')}, {prefix.with_suffix('.png')}")
 
@@ -206,6 +208,10 @@ def _print_summary(summary: dict, out: Path) -> None:
     if not _is_rank0():
         return
     blocks = summary["blocks"]
+    if summary.get("already_complete"):
+        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, w{summary['wbits']}g{summary['group_size']}); "
+              "nothing to do")
+        return
     last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
     print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB; I/O wait {summary['io_wait_seconds']:.1f} s; "
@@ -253,6 +259,9 @@ def cmd_e2e_qp(args) -> int:
         summary = run_e2e_qp(run, out, cfg, data, device=device, restart=args.restart, should_stop=stop,
                              ds_config=args.deepspeed, mark=mark)
     if not _is_rank0():
+        return 0
+    if summary.get("already_complete"):
+        print(f"{out} is already complete (e2e-qp, {summary['steps']} steps); nothing to do")
         return 0
     losses = summary["losses"]
     print(f"E2E-QP: {summary['steps']} steps in {summary['seconds']:.1f} s with {summary['optimizer']}; "
@@ -375,7 +384,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="also checkpoint every K steps inside a block (default: epoch ends)")
     p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
     p.add_argument("--chunk-mb", type=float, help="MiB per stream read/write chunk")
-    p.add_argument("--io", choices=["auto", "aio", "mmap"], help="activation-stream I/O backend (docs/IO.md)")
+    p.add_argument("--io", choices=["auto", "aio", "buffered"], help="activation-stream I/O backend (docs/IO.md)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "cpu", "cuda"],
                    help="dtype policy: the device's (auto), or another's forced (cuda on a CPU: tests)")
