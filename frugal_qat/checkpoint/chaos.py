@@ -51,12 +51,17 @@ class ChaosReport:
 
     @property
     def stages_hit(self) -> set[str]:
-        return {k.landed.split("/", 1)[1] for k in self.kills if k.returncode == -signal.SIGKILL}
+        return {stage_of(k.landed) for k in self.kills if k.returncode == -signal.SIGKILL}
 
     def table(self) -> str:
         rows = [f"{'#':>3}  {'aimed at':<22} {'delay s':>8}  {'landed in':<22} rc"]
         rows += [f"{k.attempt:>3}  {k.target:<22} {k.delay:>8.3f}  {k.landed:<22} {k.returncode}" for k in self.kills]
         return "\n".join(rows)
+
+
+def stage_of(event: str) -> str:
+    """The kind of stage of an event ``block/stage``: ``"0/train"`` -> ``"train"``, ``"-/step 7"`` -> ``"step"``."""
+    return event.split("/", 1)[1].rstrip("0123456789 ")
 
 
 def _events(stage_file: Path) -> list[str]:
@@ -86,13 +91,13 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
     rng = random.Random(seed)
     report = ChaosReport(seed)
     events = [e for e in events if not e.endswith("/-")]  # a block's first line, before its first stage
-    uncovered = {e.split("/", 1)[1] for e in events}
+    uncovered = {stage_of(e) for e in events}
     position = 0  # index in `events` of the furthest event seen so far
     with tempfile.TemporaryDirectory(prefix="frugal-chaos-") as d:
         stage_file = Path(d) / "stages"
         for attempt in range(kills):
             later = events[position:] or events[-1:]
-            wanted = [e for e in later if e.split("/", 1)[1] in uncovered]
+            wanted = [e for e in later if stage_of(e) in uncovered]
             target = wanted[0] if wanted else rng.choice(later)
             delay = rng.uniform(0, max_delay)
             stage_file.unlink(missing_ok=True)
@@ -115,7 +120,7 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
                 report.final = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
                 report.completed = proc.returncode == 0
                 return report
-            uncovered.discard(landed.split("/", 1)[1])
+            uncovered.discard(stage_of(landed))
             if landed in events[position:]:
                 position = events.index(landed, position)
         report.final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -382,6 +382,8 @@ def run_e2e_qp(
         finished = on_rank0(same_run)
         if finished is not None and finished.progress.stage == "done":
             def noop() -> dict:
+                ckpt.unlink(missing_ok=True)  # left only by a kill between 'done' and its removal
+                shutil.rmtree(ds_dir, ignore_errors=True)
                 summary = read_json(out / "summary.json")
                 log.info("%s is already complete (E2E-QP, %d steps); nothing to do", out, summary["steps"])
                 return {**summary, "already_complete": True}
