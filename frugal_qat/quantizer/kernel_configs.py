@@ -29,6 +29,7 @@ multiple of 32 take the torch path (``packed.choose_backend``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 FUSED_BLOCK_K = 32  # K step of the fused forward / grad-input kernels; must divide the group size
@@ -65,7 +66,7 @@ class KernelConfig:
 
 # (largest M the entry serves, config); the last entry serves every larger M (backend="triton" forced at any M).
 # Small M (generation): 16-row tiles, the least padding for tl.dot's 16-row minimum; the weights dominate and are
-# streamed once per call. Up to FUSED_MAX_TOKENS: 64-row tiles, so the weights are decoded a quarter as often.
+# streamed once per call. Up to packed.FUSED_MAX_TOKENS (64): one 64-row tile, so the weights are still decoded once.
 FUSED_TABLE: dict[str, tuple[tuple[int, KernelConfig], ...]] = {
     "matmul": (
         (16, KernelConfig(16, 64, FUSED_BLOCK_K, num_warps=4, num_stages=4)),
@@ -73,7 +74,8 @@ FUSED_TABLE: dict[str, tuple[tuple[int, KernelConfig], ...]] = {
     ),
     "grad_input": (
         (16, KernelConfig(16, 64, FUSED_BLOCK_K, num_warps=4, num_stages=4)),
-        (1 << 62, KernelConfig(64, 64, FUSED_BLOCK_K, num_warps=4, num_stages=3)),
+        # 8 warps: with 4, the 3-bit variant needs 255 registers and spills on sm80 (kernel_compile.py).
+        (1 << 62, KernelConfig(64, 64, FUSED_BLOCK_K, num_warps=8, num_stages=3)),
     ),
     # One config: the M loop is the reduction, so M only changes the trip count. 64 x 64 output tiles hold two
     # whole groups of 32, or a part of a larger group.
@@ -89,9 +91,14 @@ HELPER_TABLE: dict[str, KernelConfig] = {
 FUSED_KERNELS = tuple(FUSED_TABLE)
 HELPER_KERNELS = tuple(HELPER_TABLE)
 KERNELS = FUSED_KERNELS + HELPER_KERNELS
-BITS = (2, 3, 4, 8)
-# Input dtypes the launchers accept (torch dtype names; float64 is torch-path only).
-DTYPES = ("float16", "bfloat16", "float32")
+# The bit width is a run-time argument: for 2, 4 and 8 bits a code lies in one word and one binary serves all
+# three (the shift and the word index are per-row vectors, so a constant width would save no per-weight
+# instruction); 3 bits, whose codes can straddle two words, is a compile-time variant. Label -> a width it covers.
+BIT_VARIANTS = {"2,4,8": 2, "3": 3}
+# Input dtypes the Triton launchers accept: bf16 only, the dtype the precision policy (frugal_qat/precision.py) gives
+# every packed matmul on CUDA. Other dtypes take the tiled path with torch ops; one dtype keeps the set of binaries
+# (and the test suite's compile check) small.
+DTYPES = ("bfloat16",)
 
 
 def fused_config(kernel: str, tokens: int) -> KernelConfig:
@@ -146,13 +153,18 @@ class LaunchPlan:
     slots: int = 0
     contributions: int = 0
 
-    def partial_numel(self, M: int, N: int, K: int, group_size: int) -> int:
-        """fp32 elements of the partial-sum buffer (the padding row included for grad_scales)."""
+    def partial_shape(self, M: int, N: int, K: int) -> tuple[int, ...]:
+        """Shape of the fp32 partial-sum buffer: ``[split, M, N]`` (matmul), ``[split, M, K]`` (grad_input),
+        ``[K blocks * slots + 1, N]`` (grad_scales; the last row stays zero, the target of missing
+        contributions)."""
         if self.kernel == "matmul":
-            return self.split * M * N
+            return (self.split, M, N)
         if self.kernel == "grad_input":
-            return self.split * M * K
-        return (self.grid[0] * self.slots + 1) * N
+            return (self.split, M, K)
+        return (self.grid[0] * self.slots + 1, N)
+
+    def partial_numel(self, M: int, N: int, K: int) -> int:
+        return math.prod(self.partial_shape(M, N, K))
 
 
 def _split(programs: int, length: int, step: int) -> tuple[int, int]:
@@ -196,10 +208,10 @@ def fused_transients(M: int, K: int, N: int, group_size: int) -> dict[str, int]:
     """Bytes of the fused path's temporaries at its forward and backward peaks (``packed_matmul_transients``)."""
     mm = plan_matmul(M, N, K)
     # The partials, and their sum while they still exist (a split of 1 is cast straight from the buffer).
-    forward = 4 * (mm.partial_numel(M, N, K, group_size) + (M * N if mm.split > 1 else 0))
+    forward = 4 * (mm.partial_numel(M, N, K) + (M * N if mm.split > 1 else 0))
     gi = plan_grad_input(M, N, K)
-    grad_input = 4 * (gi.partial_numel(M, N, K, group_size) + (M * K if gi.split > 1 else 0))
+    grad_input = 4 * (gi.partial_numel(M, N, K) + (M * K if gi.split > 1 else 0))
     gs = plan_grad_scales(M, N, K, group_size)
     # The partials and the gathered [G, contributions, N] copy that is summed over its middle axis.
-    grad_scales = 4 * (gs.partial_numel(M, N, K, group_size) + K // group_size * gs.contributions * N)
+    grad_scales = 4 * (gs.partial_numel(M, N, K) + K // group_size * gs.contributions * N)
     return {"forward": forward, "backward": max(grad_input, grad_scales)}

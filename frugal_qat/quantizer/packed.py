@@ -68,14 +68,16 @@ DEFAULT_TILE_ROWS = 512  # CPU tiles: rows of W (times N weights) dequantized at
 CUDA_TILE_BYTES = 512 * 2**20  # CUDA tiles: bytes of tile temporaries (bf16: 268 M weights, any 70B layer whole)
 
 # backend="auto" on CUDA runs the fused kernels up to this many tokens and the tiled path (dequantize + cuBLAS)
-# above. From the cost model (kernel_cost.py, tools/bench_kernels.py, docs/KERNELS.md): a fused kernel decodes every
-# weight once per 64-token block, about 10 integer/float instructions per weight on the CUDA cores, while the
-# tiled path pays one dequantization pass (b/8 + 2 bytes per weight) and then runs at cuBLAS speed. For the 70B
-# layers the modelled times cross between 256 and 512 tokens on both A100 and H100; 256 keeps the fused path
-# where it is clearly ahead and leaves every training shape (16384 tokens) to cuBLAS.
-FUSED_MAX_TOKENS = 256
+# above. From the cost model (kernel_cost.py; tools/bench_kernels.py, table in docs/KERNELS.md): a fused kernel
+# decodes every weight once per block of 64 tokens (16 below 17 tokens), about 0.55 warp instructions per weight
+# in its compiled main loop, so it is bound by instruction issue; the tiled path pays one dequantization pass (b/8 +
+# 2 bytes per weight) plus a read of the bf16 layer, then runs at cuBLAS speed. For every Llama-2-70B layer, on
+# both A100 and H100, the fused forward is modelled ahead at 64 tokens (e.g. down_proj 307 vs 500 us on A100) and
+# behind at 128 (608 vs 502 us): 64 is one 64-row block, the last token count before the decode work doubles.
+# Every training shape (E2E-QP: 16384 tokens) takes cuBLAS.
+FUSED_MAX_TOKENS = 64
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DTYPES = tuple(getattr(torch, name) for name in kc.DTYPES)  # bf16: what the Triton binaries take
 
 
 def check_packed_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor | None, bits: int,
@@ -118,9 +120,9 @@ def triton_available() -> bool:
 
 
 def fused_supported(dtype: torch.dtype, group_size: int) -> bool:
-    """Whether the fused kernels take this input: a 16/32-bit float x and a group size that is a multiple of 32
-    (their K step, ``kernel_configs.FUSED_BLOCK_K``, must not cross a group)."""
-    return dtype in _FUSED_DTYPES and group_size % kc.FUSED_BLOCK_K == 0
+    """Whether the fused kernels take this input: bf16 x (``kernel_configs.DTYPES``) and a group size that is a
+    multiple of 32 (their K step, ``kernel_configs.FUSED_BLOCK_K``, must not cross a group)."""
+    return dtype in _TRITON_DTYPES and group_size % kc.FUSED_BLOCK_K == 0
 
 
 def choose_backend(tokens: int, device_type: str, dtype: torch.dtype, group_size: int,
@@ -142,6 +144,7 @@ class _Spec:
     group_size: int  # effective: in_features for -1
     tile_rows: int | None
     backend: str  # "torch" or "triton", resolved
+    compute: torch.dtype  # tiled path: the matmul dtype (compute_dtypes)
     helpers: bool  # tiled path: dequantize / reduce with the Triton helper kernels (CUDA, backend "auto")
 
 
@@ -183,14 +186,15 @@ def packed_linear(
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     x2 = x.reshape(-1, in_features)
+    compute, _ = compute_dtypes(x.dtype, x.device.type)
     helpers = False
     if backend == "auto":
         backend = choose_backend(x2.shape[0], x.device.type, x.dtype, g)
-        helpers = backend == "torch" and x.is_cuda and triton_available() and x.dtype != torch.float64
+        helpers = backend == "torch" and x.is_cuda and compute in _TRITON_DTYPES and triton_available()
     elif backend == "triton" and not fused_supported(x.dtype, g):
-        raise ValueError(f"backend='triton' takes float16/bfloat16/float32 inputs and group sizes that are multiples "
-                         f"of {kc.FUSED_BLOCK_K}; got {x.dtype} and group size {g}: use backend='torch' or 'auto'")
-    spec = _Spec(bits, g, tile_rows, backend, helpers)
+        raise ValueError(f"backend='triton' takes bfloat16 inputs and group sizes that are multiples of "
+                         f"{kc.FUSED_BLOCK_K}; got {x.dtype} and group size {g}: use backend='torch' or 'auto'")
+    spec = _Spec(bits, g, tile_rows, backend, compute, helpers)
     y = _PackedLinearFunction.apply(x2, qweight, qzeros, scales, spec)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias.to(y.dtype)
@@ -387,7 +391,7 @@ def _reduce_scale_grad_(grad_s: torch.Tensor, grad_w: torch.Tensor, qweight, qze
 
 def _tiled_forward(x2, qweight, qzeros, scales, spec: _Spec) -> torch.Tensor:
     """``y = x2 @ W``, W cut along N: each column tile is one complete ``torch.mm`` into its slice of y."""
-    cd, _ = compute_dtypes(x2.dtype, x2.device.type)
+    cd = spec.compute
     K, N = x2.shape[1], qweight.shape[1]
     cols, _ = _tile_shape(K, N, x2.device.type, _itemsize(cd), spec.helpers, spec.tile_rows)
     xc = x2.to(cd)
@@ -402,7 +406,7 @@ def _tiled_forward(x2, qweight, qzeros, scales, spec: _Spec) -> torch.Tensor:
 
 def _tiled_backward(x2, grad_y, qweight, qzeros, scales, spec: _Spec, need_x: bool, need_s: bool):
     """dL/dx and dL/ds, W cut along K (tiles of whole groups or of part of one group)."""
-    cd, acc = compute_dtypes(x2.dtype, x2.device.type)
+    cd, acc = spec.compute, (torch.float64 if spec.compute == torch.float64 else torch.float32)
     K, N = x2.shape[1], qweight.shape[1]
     _, rows = _tile_shape(K, N, x2.device.type, _itemsize(cd), spec.helpers, spec.tile_rows)
     xc, gy = x2.to(cd), grad_y.to(cd)
@@ -430,9 +434,9 @@ def packed_matmul_transients(in_features: int, out_features: int, tokens: int, c
                              device_type: str) -> dict[str, int]:
     """Bytes of the temporaries alive at the forward peak and at the backward peak of one ``packed_linear`` call.
 
-    For the path ``backend="auto"`` takes on ``device_type`` ("cuda": triton installed; anything else: the CPU
-    tiled path) with default tiles, x already in the compute dtype of ``compute_bytes`` bytes (the caller's
-    precision policy), and both gradients wanted. Not counted: the inputs, y, dL/dx and dL/ds themselves, and
+    For the path ``backend="auto"`` takes on ``device_type`` ("cuda": triton installed, and ``compute_bytes`` 2
+    meaning bf16; anything else: the CPU tiled path) with default tiles, x already in the compute dtype of
+    ``compute_bytes`` bytes (the caller's precision policy), and both gradients wanted. Not counted: the inputs, y, dL/dx and dL/ds themselves, and
     cuBLAS's workspace. Zero points and per-group partial sums are counted for group size 32 (smaller groups
     need more; the fused grad-scales buffers shrink as the group grows).
 
@@ -445,10 +449,11 @@ def packed_matmul_transients(in_features: int, out_features: int, tokens: int, c
         ``{"forward": bytes, "backward": bytes}``.
     """
     K, N, M, c = in_features, out_features, tokens, compute_bytes
-    cuda = device_type == "cuda"
-    if cuda and M <= FUSED_MAX_TOKENS and compute_bytes <= 4:
+    # On CUDA, 2 bytes is bf16 (the precision policy's dtype), which the Triton kernels take; fp32 takes torch ops.
+    triton_dtype = device_type == "cuda" and compute_bytes == 2
+    if triton_dtype and M <= FUSED_MAX_TOKENS:
         return kc.fused_transients(M, K, N, group_size=32)
-    helpers = cuda  # auto on CUDA uses the Triton helper kernels for the tiles
+    helpers = triton_dtype  # auto dequantizes the tiles with the Triton helper kernels
     cols, rows = _tile_shape(K, N, device_type, c, helpers, None)
     fwd, bwd = _bytes_per_weight(device_type, c, helpers)
     rows = min(rows, K)
