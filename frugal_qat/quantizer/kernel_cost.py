@@ -13,9 +13,8 @@ kernels at mid-size M)::
     issue rate = SMs * clock * 4    (4 schedulers per SM, one warp instruction per clock each)
 
 ``flops`` counts what the tensor cores execute (a 16-row ``tl.dot`` for one token still does 16 rows). cuBLAS is
-modelled at its roofline (one read of each operand and one write of the output, at peak): real cuBLAS reaches
-roughly 70-80 % of it at these shapes, and the fused kernels' instruction-issue bound is also an ideal, so the
-comparison is like for like. Legend: M tokens, K in_features, N out_features, b bits, G = K / g groups,
+modelled at its roofline (one read of each operand and one write of the output, at peak) and the fused kernels at
+full instruction issue: both are ideals, so the comparison is like for like, and neither is a measurement. Legend: M tokens, K in_features, N out_features, b bits, G = K / g groups,
 c bytes per compute element (2: bf16).
 """
 

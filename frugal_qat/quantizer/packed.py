@@ -183,7 +183,7 @@ def packed_linear(
         raise ValueError(f"x has dtype {x.dtype}; use float16, bfloat16 or float32 (float64: torch path only)")
     in_features = x.shape[-1]
     g = check_packed_weight(qweight, qzeros, scales, bits, group_size, in_features)
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     x2 = x.reshape(-1, in_features)
     compute, _ = compute_dtypes(x.dtype, x.device.type)
@@ -240,8 +240,13 @@ class _PackedLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_s, None
 
 
+def _autocast_on(x: torch.Tensor) -> bool:
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _no_autocast(x: torch.Tensor):
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -393,7 +398,7 @@ def _tiled_forward(x2, qweight, qzeros, scales, spec: _Spec) -> torch.Tensor:
     """``y = x2 @ W``, W cut along N: each column tile is one complete ``torch.mm`` into its slice of y."""
     cd = spec.compute
     K, N = x2.shape[1], qweight.shape[1]
-    cols, _ = _tile_shape(K, N, x2.device.type, _itemsize(cd), spec.helpers, spec.tile_rows)
+    cols, _ = _tile_shape(K, N, x2.device.type, cd.itemsize, spec.helpers, spec.tile_rows)
     xc = x2.to(cd)
     y = torch.empty(x2.shape[0], N, dtype=cd, device=x2.device)
     for n0 in range(0, N, cols):
@@ -408,7 +413,7 @@ def _tiled_backward(x2, grad_y, qweight, qzeros, scales, spec: _Spec, need_x: bo
     """dL/dx and dL/ds, W cut along K (tiles of whole groups or of part of one group)."""
     cd, acc = spec.compute, (torch.float64 if spec.compute == torch.float64 else torch.float32)
     K, N = x2.shape[1], qweight.shape[1]
-    _, rows = _tile_shape(K, N, x2.device.type, _itemsize(cd), spec.helpers, spec.tile_rows)
+    _, rows = _tile_shape(K, N, x2.device.type, cd.itemsize, spec.helpers, spec.tile_rows)
     xc, gy = x2.to(cd), grad_y.to(cd)
     grad_x = torch.empty(x2.shape, dtype=cd, device=x2.device) if need_x else None
     grad_s = torch.zeros(scales.shape, dtype=acc, device=scales.device) if need_s else None
@@ -420,10 +425,6 @@ def _tiled_backward(x2, grad_y, qweight, qzeros, scales, spec: _Spec, need_x: bo
         if need_s:
             _reduce_scale_grad_(grad_s, xc[:, k0:k1].t() @ gy, qweight, qzeros, spec, k0, k1)
     return (None if grad_x is None else grad_x.to(x2.dtype)), grad_s
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -457,10 +458,14 @@ def packed_matmul_transients(in_features: int, out_features: int, tokens: int, c
     cols, rows = _tile_shape(K, N, device_type, c, helpers, None)
     fwd, bwd = _bytes_per_weight(device_type, c, helpers)
     rows = min(rows, K)
-    zeros = 0 if helpers else 4  # int32 zero points of a tile: 4 bytes per group-row, counted for g = 32
+    # Torch ops also hold a tile's int32 zero points and, in the backward, its fp32 per-group sums: 4 bytes per
+    # group-row each, counted for g = 32. A matmul into a column slice of y (dL/dx) may go through an [M, tile]
+    # temporary; none when the tile is the whole layer.
+    per_group_row = 0 if helpers else 4
     return {
-        "forward": fwd * K * cols + zeros * (K // 32) * cols,
-        "backward": bwd * rows * N + zeros * max(rows // 32, 1) * N,
+        "forward": fwd * K * cols + per_group_row * (K // 32) * cols + (M * cols * c if cols < N else 0),
+        "backward": (bwd * rows * N + 2 * per_group_row * max(rows // 32, 1) * N
+                     + (M * rows * c if rows < K else 0)),
     }
 
 
