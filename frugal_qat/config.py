@@ -157,6 +157,7 @@ class OffloadConfig:
     io: str = "auto"  # activation-stream backend: auto | aio (DeepSpeed async_io, O_DIRECT) | buffered (docs/IO.md)
     precision: str = "auto"  # dtype policy (frugal_qat/precision.py): auto (the device's) | cpu | cuda (forced)
     stream_dtype: str = "auto"  # activation streams: auto (fp16; bf16 for models that overflow it) | float16 | bfloat16
+    deterministic: bool = False  # bit-identical resume on CUDA too: deterministic algorithms, math SDPA (slower)
 
     def problems(self) -> list[str]:
         out = []
