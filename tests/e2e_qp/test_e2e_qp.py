@@ -130,3 +130,46 @@ def test_e2e_random_kills_hit_every_stage_and_resume_bit_identical(e2e_command):
     assert report.completed, report.final.stderr[-1500:]
     assert report.stages_hit == {"build model", "step", "write"}, report.table()
     assert result_files(out) == reference
+
+
+ROPE_UNDER_DEEPSPEED = """
+import sys, torch, deepspeed
+from pathlib import Path
+import frugal_qat.e2e_qp.run as e2e
+from frugal_qat.config import resolve
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+seen = {"after_initialize": None, "in_loss": set()}
+real_init, real_loss = deepspeed.initialize, e2e.chunked_lm_loss
+
+def initialize(*a, **k):
+    result = real_init(*a, **k)
+    seen["after_initialize"] = k["model"].model.model.rotary_emb.inv_freq.dtype
+    return result
+
+def loss(model, ids, labels, chunk):
+    seen["in_loss"].add(model.model.rotary_emb.inv_freq.dtype)
+    return real_loss(model, ids, labels, chunk)
+
+deepspeed.initialize, e2e.chunked_lm_loss = initialize, loss
+cfg = resolve(None, {"e2e_qp.seqlen": 16, "e2e_qp.train_size": 2, "e2e_qp.batch_size": 1, "e2e_qp.grad_accum": 2,
+                     "e2e_qp.optimizer": "adamw", "e2e_qp.logits_chunk": 8, "offload.device": "cpu"})
+ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+e2e.run_e2e_qp(run, out, cfg, (ids, ids), device=torch.device("cpu"), show_progress=False,
+               ds_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+                          "data_types": {"buffer_dtype": "bf16"}})
+print(seen["after_initialize"], sorted(map(str, seen["in_loss"])))
+"""
+
+
+@pytest.mark.slow
+def test_rope_frequencies_stay_fp32_under_deepspeed_bf16(block_ap_run):
+    """DeepSpeed's bf16 mode casts floating buffers, RoPE's inv_freq too (the angles at position 4000 then move by
+    radians): every buffer before DeepSpeed 0.19, and still with `data_types.buffer_dtype` set, as here. E2E-QP
+    rebuilds the rotary module in fp32 after deepspeed.initialize. bf16 runs on CPU."""
+    root, _, run = block_ap_run
+    r = subprocess.run([sys.executable, "-c", ROPE_UNDER_DEEPSPEED, str(run), str(root / "e2e-ds-bf16")],
+                       capture_output=True, text=True, timeout=600, env=env_without_faults())
+    assert r.returncode == 0, r.stderr[-2000:]
+    after_init, in_loss = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert after_init == "torch.bfloat16", "DeepSpeed no longer casts buffers: this test shows nothing any more"
+    assert in_loss == "['torch.float32']"
