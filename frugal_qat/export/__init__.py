@@ -142,34 +142,38 @@ def export_run(
     else:
         shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted export; never holds anything else
         stage.mkdir(parents=True)
-        bits = src.quant["bits"]
-        line = engine_line(fmt, bits, zero_point, out_dtype)
-        log.info("engines: %s", line)
-        details = writers[fmt](src, stage, out_dtype)
-        report = {
-            "format": fmt,
-            "request": request,
-            "run_dir": str(Path(run_dir).resolve()),
-            "out_dir": str(out),
-            "bits": bits,
-            "group_size": src.quant["group_size"],
-            "dtype": out_dtype,
-            **details,
-            "engines": engine_table(fmt, bits, zero_point),
-            "engine_line": line,
-            "frugal_qat_version": __version__,
-        }
-        log.info("exported %s into %s", fmt, stage)
-        if verify:
-            report["verify"] = verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows)
-        from frugal_qat.export.card import model_card
+        try:
+            bits = src.quant["bits"]
+            line = engine_line(fmt, bits, zero_point, out_dtype)
+            log.info("engines: %s", line)
+            details = writers[fmt](src, stage, out_dtype)
+            report = {
+                "format": fmt,
+                "request": request,
+                "run_dir": str(Path(run_dir).resolve()),
+                "out_dir": str(out),
+                "bits": bits,
+                "group_size": src.quant["group_size"],
+                "dtype": out_dtype,
+                **details,
+                "engines": engine_table(fmt, bits, zero_point),
+                "engine_line": line,
+                "frugal_qat_version": __version__,
+            }
+            log.info("exported %s into %s", fmt, stage)
+            if verify:
+                report["verify"] = verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows)
+            from frugal_qat.export.card import model_card
 
-        (stage / README_FILE).write_text(model_card(report))
-        files = sorted(p.name for p in stage.iterdir())
-        report["files"] = sorted([*files, REPORT_FILE])
-        report["bytes"] = sum((stage / f).stat().st_size for f in files)
-        report["export_seconds"] = round(time.time() - t0, 3)
-        atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
+            (stage / README_FILE).write_text(model_card(report))
+            files = sorted(p.name for p in stage.iterdir())
+            report["files"] = sorted([*files, REPORT_FILE])
+            report["bytes"] = sum((stage / f).stat().st_size for f in files)
+            report["export_seconds"] = round(time.time() - t0, 3)
+            atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
+        except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     kill_point("export_commit")
     if out.exists():
         out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
