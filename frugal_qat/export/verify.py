@@ -30,6 +30,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,7 @@ def run_loader(loader: Loader, out_dir: str | Path, windows: torch.Tensor, nll_o
         res.update(status="skipped", reason=f"{', '.join(missing)} not installed (pip install {' '.join(missing)})")
         return res
     res["versions"] = " + ".join(f"{p} {importlib.metadata.version(p)}" for p in ("transformers", *loader.packages))
+    t0 = time.perf_counter()
     try:
         # gptqmodel torch.compile()s every layer's dequantization; on CPU that takes minutes and changes only speed.
         with torch._dynamo.config.patch(disable=True):
@@ -255,6 +257,7 @@ def run_loader(loader: Loader, out_dir: str | Path, windows: torch.Tensor, nll_o
     finally:
         model = None
         gc.collect()
+        res["seconds"] = round(time.perf_counter() - t0, 1)
     d = (nll - nll_ours).view(windows.shape[0], -1).mean(1)  # per-window mean of the paired difference
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     res.update(status="ok", ppl=math.exp(float(nll.mean())), rel_diff=math.expm1(float(d.mean())),

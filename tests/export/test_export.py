@@ -9,7 +9,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import frugal_qat.export
-
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
 from frugal_qat.export import FORMATS, REPORT_FILE, export_run
 from frugal_qat.export.hf_model import load_quantized_model
@@ -180,3 +179,19 @@ def test_rerun_is_a_no_op_and_a_kill_before_the_rename_resumes(runs, tmp_path, m
     (tmp_path / ".c.partial" / "model-00001-of-00003.safetensors").write_bytes(b"torn")
     export_run(run, "gptq", tmp_path / "c", verify=False)
     assert {k: v for k, v in tree_digest(tmp_path / "c").items() if k not in (REPORT_FILE, "README.md")} == same
+
+
+def test_cli_rerun_of_a_complete_export_exits_0_untouched(runs, tmp_path, capsys):
+    from frugal_qat.cli.main import main
+
+    argv = ["export", "--run", str(runs(3, 32)), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+            "--no-verify"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "engines: compressed-tensors (pack-quantized, 3-bit asymmetric): loads in transformers" in first
+    before = tree_digest(tmp_path / "ct")
+    assert main(argv) == 0
+    assert f"{tmp_path / 'ct'}: this compressed-tensors export is already complete" in capsys.readouterr().out
+    assert tree_digest(tmp_path / "ct") == before
+    assert main([*argv[:-1], "--dtype", "bfloat16", "--no-verify"]) == 2  # another export into the same folder
+    assert "holds another export (dtype: 'float16' -> 'bfloat16')" in capsys.readouterr().err
