@@ -44,7 +44,7 @@ class Loader:
     settings: str  # "defaults" | "recommended"
     args: tuple[Arg, ...]
     packages: tuple[str, ...]  # distributions it needs (pip names)
-    known_failure: str = ""  # why this call fails today, where we know it does (named in the warning)
+    known_failure: str = ""  # why this call fails or computes wrongly today, where we know (named in the warning)
     label: str = ""  # the library's name in reports, when not GPTQModel.load / transformers
 
     @property
@@ -112,11 +112,12 @@ def loaders_for(fmt: str, quant: dict[str, Any] | None, export_dtype: str, devic
         kernel_dtype = _dtype(torch.bfloat16 if export_dtype == "bfloat16" else torch.float16)
         fix_kernel = bits == 4 and group == -1  # gptqmodel 7.7.0's fused CPU int4 kernels get g = -1 wrong
         tf_rec = (kernel_dtype, *((_gptq_torch_backend(bits),) if fix_kernel else ()), *where)
-        out = [Loader("transformers", "defaults", where, gptq_pkgs),
+        bug = "gptqmodel 7.7.0's auto-selected CPU int4 kernels compute group size -1 wrongly" if fix_kernel else ""
+        out = [Loader("transformers", "defaults", where, gptq_pkgs, known_failure=bug),
                Loader("transformers", "recommended", tf_rec, gptq_pkgs)]
         if quant.get("checkpoint_format", quant.get("format")) == "gptq_v2":  # GPTQModel.load refuses our v1 files
             rec = (kernel_dtype, *((_gptqmodel_torch_backend(),) if fix_kernel else ()))
-            out = [Loader("gptqmodel", "defaults", (), ("gptqmodel",)),
+            out = [Loader("gptqmodel", "defaults", (), ("gptqmodel",), known_failure=bug),
                    Loader("gptqmodel", "recommended", rec, ("gptqmodel",)), *out]
         return out
     dense = _dtype(getattr(torch, export_dtype) if on_cuda else torch.float32)

@@ -282,6 +282,8 @@ def judge(res: dict[str, Any], loader: Loader, loaders: list[Loader], ppl_ours: 
     res["status"] = "differs"
     dtype = res["compute_dtype"]
     cause = f"it computes in {dtype} on {res['device']}"
+    if loader.known_failure:
+        cause += f" and {loader.known_failure}"
     if dtype == "bfloat16":
         cause += ", which rounds every fp16 scale to 8 significant bits (a whole group of weights moves at once)"
         if rec is loader and export_dtype == "bfloat16":
