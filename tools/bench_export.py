@@ -9,10 +9,11 @@ x (defaults, recommended), held-out perplexity against frugal-qat's own.
 ``PYTHONPATH`` points at a folder holding the loaders that are not project dependencies (gptqmodel, auto-round:
 docs/EXPORT.md says how to install them without touching torch); a loader whose library is missing is reported
 as skipped. Per bit width: the run is the demo recipe's Block-AP (``frugal-qat block-ap --recipe
-recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``); frugal-qat's perplexity is the streamed ``ppl``
-path on the held-out Python tutorial (``--windows`` x 512 tokens, ``demo-heldout``), and every loader is scored on
-the same windows through ``frugal_qat.export.verify.check_loaders``, the code the export's own verification runs
-(plus AutoRound's loader for GPTQ files, which verification does not run). Results land in
+recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``); frugal-qat's perplexity is its own forward (the
+run as a transformers model in fp32, equal to the streamed ``ppl`` path: tests/export/test_hf_model.py) on the
+held-out Python tutorial (``--windows`` x 512 tokens of ``demo-heldout``), and every loader is scored on the same
+windows through ``frugal_qat.export.verify.check_loaders``, the code the export's own verification runs (plus
+AutoRound's loader for GPTQ files, which verification does not run). Results land in
 ``ROOT/results/wB-FORMAT.json`` and a finished one is not redone (the benchmark resumes after a kill).
 """
 
@@ -65,7 +66,7 @@ def autoround_loader():
                   ("auto-round",), label="AutoRound")
 
 
-def bench_one(run: Path, root: Path, bits: int, fmt: str, zp: str, windows: torch.Tensor, ppl_stream: float) -> dict:
+def bench_one(run: Path, root: Path, bits: int, fmt: str, zp: str, windows: torch.Tensor, reference) -> dict:
     from frugal_qat.errors import ConfigError
     from frugal_qat.export import export_run
     from frugal_qat.export.loaders import loaders_for
@@ -83,9 +84,8 @@ def bench_one(run: Path, root: Path, bits: int, fmt: str, zp: str, windows: torc
     loaders = loaders_for(fmt, read_config(out).get("quantization_config"), rep["dtype"], device)
     if fmt == "gptq":
         loaders.append(autoround_loader())
-    res = check_loaders(run, out, fmt, windows, rep["dtype"], device, TOLERANCE, loaders=loaders)
-    return {"name": name, "bits": bits, "format": fmt, "zero_point": zp, "ppl_frugal_qat_streamed": ppl_stream,
-            "seconds": round(time.time() - t0, 1), **res}
+    res = check_loaders(run, out, fmt, windows, rep["dtype"], device, TOLERANCE, loaders=loaders, reference=reference)
+    return {"name": name, "bits": bits, "format": fmt, "zero_point": zp, "seconds": round(time.time() - t0, 1), **res}
 
 
 def table(root: Path) -> str:
@@ -114,28 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="the fp16 SmolLM2-135M checkpoint (tools/make_smollm2_checkpoint.py)")
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    p.add_argument("--windows", type=int, default=20, help="held-out windows of 512 tokens")
+    p.add_argument("--windows", type=int, default=4, help="held-out windows of 512 tokens")
     p.add_argument("--table", action="store_true", help="print the table from stored results and exit")
     args = p.parse_args(argv)
     if not args.table:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         for noisy in ("transformers", "gptqmodel", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        from frugal_qat.eval.ppl import perplexity
+        from frugal_qat.export.verify import reference_nll
 
         (args.root / "results").mkdir(parents=True, exist_ok=True)
         for bits in args.bits:
             run = args.root / f"run_w{bits}"
             make_run(args.model, run, bits)
             windows = heldout_windows(run, args.windows, 512)
-            ppl_stream = None
+            reference = None  # frugal-qat's own NLL, once per bit width
             for fmt, zp in FORMATS:
                 dest = args.root / "results" / f"w{bits}-{fmt}{'-v1' if zp == 'v1' else ''}.json"
                 if dest.is_file():
                     continue
-                if ppl_stream is None:
-                    ppl_stream = perplexity(run, windows, show_progress=False)["ppl"]
-                res = bench_one(run, args.root, bits, fmt, zp, windows, ppl_stream)
+                if reference is None:
+                    reference = reference_nll(run, windows, torch.device("cpu"))
+                res = bench_one(run, args.root, bits, fmt, zp, windows, reference)
                 dest.write_text(json.dumps(res, indent=2) + "\n")
                 print(f"w{bits} {fmt} {zp}: done", flush=True)
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)

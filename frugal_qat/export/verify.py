@@ -200,22 +200,17 @@ def text_windows(model_dir: str | Path, n: int, seqlen: int, seed: int = 0) -> t
 
 
 def check_loaders(run_dir: str | Path, out_dir: str | Path, fmt: str, windows: torch.Tensor, export_dtype: str,
-                  device: torch.device, tolerance: float = TOLERANCE,
-                  loaders: list[Loader] | None = None) -> dict[str, Any]:
+                  device: torch.device, tolerance: float = TOLERANCE, loaders: list[Loader] | None = None,
+                  reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """frugal-qat's perplexity on ``windows`` and, for every loader (default: ``loaders_for`` the format), its
-    result and verdict."""
-    from frugal_qat.export.hf_model import load_quantized_model
-
+    result and verdict. ``reference``: ``reference_nll(run_dir, windows, device)`` when already computed."""
     out: dict[str, Any] = {"device": str(device), "windows": list(windows.shape), "tolerance": tolerance}
     dense_bytes = 4 * _n_params(read_config(run_dir))
     if device.type == "cpu" and 2.5 * dense_bytes > psutil.virtual_memory().available:
         out["skipped"] = f"the dense model ({dense_bytes / 2**30:.1f} GiB in fp32) twice does not fit in free RAM"
         log.warning("verify %s: loaders not checked: %s", fmt, out["skipped"])
         return out
-    ours = load_quantized_model(run_dir).to(device)
-    nll_ours, logits_ours = token_nll(ours, windows)
-    del ours
-    gc.collect()
+    nll_ours, logits_ours = reference if reference is not None else reference_nll(run_dir, windows, device)
     out["ppl_frugal_qat"] = math.exp(float(nll_ours.mean()))
     log.info("verify %s: frugal-qat's own perplexity %.4f on %d x %d tokens", fmt, out["ppl_frugal_qat"],
              *windows.shape)
@@ -232,6 +227,19 @@ def check_loaders(run_dir: str | Path, out_dir: str | Path, fmt: str, windows: t
     out["warnings"] = [r["warning"] for r in results if r["warning"]]
     out["reproduce"] = [r["call"] for r in results if r["status"] == "ok"]
     return out
+
+
+def reference_nll(run_dir: str | Path, windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """frugal-qat's own per-token NLL and first-window logits: the run as a transformers model, fp32."""
+    from frugal_qat.export.hf_model import load_quantized_model
+
+    ours = load_quantized_model(run_dir).to(device)
+    try:
+        return token_nll(ours, windows)
+    finally:
+        del ours
+        gc.collect()
 
 
 def run_loader(loader: Loader, out_dir: str | Path, windows: torch.Tensor, nll_ours: torch.Tensor,
