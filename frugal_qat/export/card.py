@@ -54,12 +54,15 @@ def model_card(report: dict[str, Any]) -> str:
             ok = "yes" if r["status"] == "ok" else "**no**"
             lines.append(f"| {r['loader']} | `{r['call']}` | {r['compute_dtype']} | {r['ppl']:.4f} | "
                          f"{r['rel_diff']:+.2%} | {ok} |")
-    good = [r for r in results if r["status"] == "ok"]
+    good = [r for r in results if r["status"] == "ok" and r["settings"] == "recommended"]
+    good = good or [r for r in results if r["status"] == "ok"]
     if good:
-        r = good[-1]  # the recommended call of the last library checked, or its defaults when those suffice
-        library = "gptqmodel" if r["call"].startswith("GPTQModel") else "transformers"
-        call = r["call"].replace("PATH", '"PATH/TO/THIS/FOLDER"')
-        lines += ["", "```python", _IMPORTS[library], f"model = {call}", "```"]
+        lines += ["", "Calls that reproduce it:"]
+        for library in ("gptqmodel", "transformers"):
+            calls = [r["call"] for r in good if r["call"].startswith("GPTQModel") == (library == "gptqmodel")]
+            if calls:
+                call = calls[0].replace("PATH", '"PATH/TO/THIS/FOLDER"')
+                lines += ["", "```python", _IMPORTS[library], f"model = {call}", "```"]
     if verify.get("warnings"):
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in verify["warnings"]]
     lines.append("")
