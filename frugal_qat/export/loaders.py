@@ -7,9 +7,10 @@ as keyword arguments (``Arg``), and both shown to the user and used to load, so 
 Why the recommended settings differ from the defaults (measured in docs/EXPORT.md):
 
 - GPTQ: GPTQModel picks bf16 on CPU whatever the config says (gptqmodel 7.7.0 ``auto_dtype``); bf16 rounds each
-  fp16 scale to 8 significant bits, which moves all weights of a group the same way (+22 % held-out perplexity
-  at w2 on SmolLM2-135M). Its kernels refuse fp32, so we recommend the export's dtype, float16 unless the source
-  model is bf16-native (fp16 could then overflow its activations). gptqmodel's auto-selected CPU int4 kernels
+  fp16 scale to 8 significant bits, which moves all weights of a group the same way (issue 17 measured +22 %
+  held-out perplexity on a w2 SmolLM2-135M run; docs/EXPORT.md has our measurements). Its kernels refuse fp32,
+  so we recommend the export's dtype, float16 unless the source model is bf16-native (fp16 could then overflow
+  its activations). gptqmodel's auto-selected CPU int4 kernels
   compute group size -1 wrongly, so 4-bit per-channel exports also ask for ``backend="torch"``.
 - compressed-tensors: transformers' default (keep-compressed) path fails for asymmetric pack-quantized files in
   compressed-tensors 0.20 (it sizes ``weight_zero_point`` unpacked); ``CompressedTensorsConfig(dequantize=True)``
