@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dtype loaders compute in by default (auto: the source model's, bfloat16 for bf16-native "
                         "models, else float16); float32: fp16 format only")
     p.add_argument("--verify-tokens", type=int, help="tokens of the run's calibration text the loaders are scored on "
-                                                       "(default 8192)")
+                                                       "(default 2048)")
     p.add_argument("--no-verify", action="store_true", help="skip decoding, reloading and comparing the export")
     p.set_defaults(fn=cmd_export)
 
