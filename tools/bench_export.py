@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FORMATS = (("gptq", "v2"), ("gptq", "v1"), ("compressed-tensors", "v2"), ("fp16", "v2"))
+FORMATS = {"gptq": ("gptq", "v2"), "gptq-v1": ("gptq", "v1"), "compressed-tensors": ("compressed-tensors", "v2"),
+           "fp16": ("fp16", "v2")}
 TOLERANCE = 0.005
 PACKAGES = ("torch", "transformers", "optimum", "gptqmodel", "compressed-tensors", "auto-round")
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--windows", type=int, default=4, help="held-out windows of 512 tokens")
+    p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="in this order")
     p.add_argument("--table", action="store_true", help="print the table from stored results and exit")
     args = p.parse_args(argv)
     if not args.table:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             make_run(args.model, run, bits)
             windows = heldout_windows(run, args.windows, 512)
             reference = None  # frugal-qat's own NLL, once per bit width
-            for fmt, zp in FORMATS:
+            for fmt, zp in (FORMATS[f] for f in args.formats):
                 dest = args.root / "results" / f"w{bits}-{fmt}{'-v1' if zp == 'v1' else ''}.json"
                 if dest.is_file():
                     continue
