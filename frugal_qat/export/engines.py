@@ -68,8 +68,9 @@ def _gptq(bits: int, zero_point: str) -> list[EngineSupport]:
         EngineSupport(f"GPTQModel {_V['gptqmodel']} (GPTQModel.load)", False, "checked",
                       "refuses asymmetric v1 files not written by GPTQModel; use zero_point v2"),
         EngineSupport(f"AutoRound {_V['auto-round']} (transformers AutoRoundConfig)", False, "checked",
-                      "accepts the config, then fails on CPU: no CPU kernel for asymmetric GPTQ, its fallback "
-                      "layer raises a TypeError; GPU kernels not run here"),
+                      "accepts the config, then fails on CPU (run at 2 bits): its backend table has no CPU kernel "
+                      "for asymmetric GPTQ at any width and its fallback layer raises a TypeError; GPU kernels not "
+                      "run here"),
         vllm,
     ]
 
