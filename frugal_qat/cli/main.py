@@ -329,14 +329,26 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from frugal_qat.export import export_run
 
-    kwargs = {}
-    if args.zero_point:
-        kwargs["zero_point"] = args.zero_point
-    if args.dtype:
-        kwargs["dtype"] = args.dtype
-    report = export_run(Path(args.run), args.format, Path(args.out), verify=not args.no_verify, **kwargs)
-    print(json.dumps(report.get("verify", {}), indent=2))
-    print(f"exported {args.format} to {args.out}")
+    kwargs = {"zero_point": args.zero_point} if args.zero_point else {}
+    report = export_run(Path(args.run), args.format, Path(args.out), verify=not args.no_verify, dtype=args.dtype,
+                        verify_tokens=args.verify_tokens, **kwargs)
+    if report.get("already_complete"):
+        print(f"{report['out_dir']}: this {args.format} export is already complete (made by the same command); "
+              f"nothing to do")
+        return 0
+    print(f"engines: {report['engine_line']}")
+    verify = report.get("verify", {})
+    for r in verify.get("loaders", []):
+        if r["status"] in ("ok", "differs"):
+            print(f"  {r['loader']:<30} {r['compute_dtype']:<9} ppl {r['ppl']:.4f} ({100 * r['rel_diff']:+.2f} % "
+                  f"against frugal-qat's {verify['ppl_frugal_qat']:.4f}) {'ok' if r['status'] == 'ok' else 'DIFFERS'}")
+        else:
+            print(f"  {r['loader']:<30} {r['status']}: {r.get('reason') or r.get('error')}")
+    for w in verify.get("warnings", []):
+        print(f"warning: {w}")
+    if verify.get("skipped"):
+        print(f"loaders not checked: {verify['skipped']}")
+    print(f"exported {args.format} to {report['out_dir']} (report: frugal_qat_export.json, README.md)")
     return 0
 
 
@@ -474,13 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors or fp16, checked on the spot")
+    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors or fp16, checked as users load it")
     p.add_argument("--run", required=True)
     p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder (a complete export by the same command: no-op)")
     p.add_argument("--zero-point", choices=["v1", "v2"], help="gptq: zero-point convention (v1 refused when lossy)")
-    p.add_argument("--dtype", help="fp16 format: float16 | bfloat16 | float32")
-    p.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the export")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="the dtype loaders compute in by default (auto: the source model's, bfloat16 for bf16-native "
+                        "models, else float16); float32: fp16 format only")
+    p.add_argument("--verify-tokens", type=int, help="tokens of the run's calibration text the loaders are scored on "
+                                                       "(default 2048)")
+    p.add_argument("--no-verify", action="store_true", help="skip decoding, reloading and comparing the export")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("lm-eval", help="zero-shot accuracy with lm-eval on a run or checkpoint")

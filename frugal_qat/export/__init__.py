@@ -2,22 +2,37 @@
 
     export_run(run_dir, fmt, out_dir)     the one entry point (``frugal-qat export``); fmt is a name in FORMATS
 
-    gptq                 GPTQ, zero points "v2" (as stored) or "v1" (z - 1, only where lossless): GPTQModel,
-                         transformers + optimum, vLLM
-    compressed-tensors   llm-compressor's "pack-quantized" layout: compressed-tensors, transformers, vLLM
-    fp16                 dequantized dense checkpoint: any tool
+    gptq                 GPTQ, zero points "v2" (as stored) or "v1" (z - 1, only where lossless)
+    compressed-tensors   llm-compressor's "pack-quantized" layout
+    fp16                 dequantized dense checkpoint (float16, bfloat16 or float32)
 
-docs/EXPORT.md has the table of loaders (versions checked) and the measured agreement with frugal-qat's forward.
+Which engines load which bit width is not the same for every format: ``engines.py`` says it per format, bits and
+zero-point convention, with what was checked and what was not; ``export_run`` logs that line, and
+docs/EXPORT.md has the table with measurements.
+
+dtype: the config's ``dtype``/``torch_dtype`` (what loaders compute in by default) follows the source model:
+bfloat16 for a bf16-native model (fp16 could overflow its activations), else float16; ``dtype=`` overrides it.
+Tensors keep the run's precision where the format allows (scales, norms, embeddings are fp16 in a run and stay
+fp16, so a loader that computes in fp32 gets frugal-qat's exact numbers); the dense format stores its weights in
+``dtype``.
 
 Streaming: block i is read from the run (memory-mapped), converted and written as shard i before block i+1 is
-read, so memory stays at about one block plus the embeddings. Everything is written into a hidden staging folder
-next to ``out_dir`` and renamed into place at the end: ``out_dir`` is either absent or a whole checkpoint. The run
-directory is only read, and ``out_dir`` may not lie inside it. A mapping the target format cannot express exactly
-is refused (``ConfigError``) before anything is written.
+read, so memory stays at about one block plus the embeddings. The run directory is only read, and ``out_dir``
+may not lie inside it. A mapping the target format cannot express exactly is refused (``ConfigError``) before
+anything is written.
+
+Kill safety: everything, the verification results, README.md and the report included, is written into a hidden
+staging folder ``.<out>.partial`` next to ``out_dir``, the report last; renaming it to ``out_dir`` is the commit.
+A kill at any moment leaves either no ``out_dir`` or a complete one. The same command run again on a complete
+export logs that it is complete and returns its report without touching it; a staging folder whose report is
+complete (a kill between the last write and the rename) is renamed; any other staging folder is redone from the
+start. Every file but ``frugal_qat_export.json`` (times, paths) and ``README.md`` (verification figures, which
+can differ in the last digits between machines) is a deterministic function of the run and the options.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -31,14 +46,16 @@ import torch
 from frugal_qat import __version__
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
 from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES
-from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json, read_json
+from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json, fsync_dir, kill_point, read_json
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
 from frugal_qat.offload.blocks import ModelSource
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gptq", "compressed-tensors", "fp16")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 REPORT_FILE = "frugal_qat_export.json"
+README_FILE = "README.md"
 
 
 def export_run(
@@ -48,75 +65,122 @@ def export_run(
     *,
     verify: bool = True,
     zero_point: str = "v2",
-    dtype: str = "float16",
+    dtype: str = "auto",
+    verify_tokens: int | None = None,
+    verify_windows: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Write the run in ``fmt`` to ``out_dir``, then (``verify``) reload it and compare with frugal-qat's forward.
+    """Write the run in ``fmt`` to ``out_dir`` and (``verify``) check it the ways users will load it.
 
     Args:
         run_dir: a finished frugal-qat run directory.
         fmt: one of ``FORMATS``.
-        out_dir: a new (or empty) directory, not inside ``run_dir``.
+        out_dir: a new (or empty) directory, not inside ``run_dir``; or the folder of a complete export made by
+            the same call, which is then left as it is.
         verify: decode every tensor with an independent reader of the format and compare with the run's weights
-            (must be exact for gptq and compressed-tensors), then reload through the format's own library where
-            it is installed and compare logits and perplexity on a few token windows with frugal-qat's forward.
+            (must be exact for gptq and compressed-tensors), then load the export through each loader of its
+            format (library defaults on the device at hand, and the recommended settings) where the library is
+            installed, and compare perplexities with frugal-qat's forward (``verify.py``).
         zero_point: gptq only: ``"v2"`` (``checkpoint_format: gptq_v2``, z as is) or ``"v1"`` (z - 1).
-        dtype: fp16 only: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the dense weights.
+        dtype: ``"auto"`` (the source model's: bfloat16 if it is bf16-native, else float16), ``"float16"``,
+            ``"bfloat16"``, or (fp16 format only) ``"float32"``.
+        verify_tokens: how many of the run's calibration tokens the loaders are scored on (default
+            ``verify.TOKENS``).
+        verify_windows: ``[n, L]`` token ids to score on instead (the benchmark's held-out text).
 
     Returns:
-        The report, also saved as ``out_dir/frugal_qat_export.json``: format, files, bytes, seconds and, with
-        ``verify``, the agreement (``max_abs_logit_diff``, perplexities) and what loaded the export.
+        The report, also saved as ``out_dir/frugal_qat_export.json``: the request, format, files, bytes, seconds,
+        the engines that load it and, with ``verify``, each loader's perplexity against frugal-qat's and the
+        warnings. When ``out_dir`` already held this export, the saved report plus ``"already_complete": True``.
 
     Raises:
-        ConfigError: an unknown format or option, an unusable ``out_dir``, or a run the format cannot express.
+        ConfigError: an unknown format or option, an unusable ``out_dir`` (one holding another export included),
+            or a run the format cannot express.
         CorruptCheckpoint: an unfinished or damaged run directory.
     """
     from frugal_qat.export.compressed_tensors import export_compressed_tensors
+    from frugal_qat.export.engines import engine_line, engine_table
     from frugal_qat.export.fp16 import export_fp16
     from frugal_qat.export.gptq import export_gptq
+    from frugal_qat.export.verify import TOKENS, calibration_windows, verify_export
 
-    writers: dict[str, Callable[[ModelSource, Path], dict[str, Any]]] = {
-        "gptq": lambda src, stage: export_gptq(src, stage, zero_point=zero_point),
-        "compressed-tensors": export_compressed_tensors,
-        "fp16": lambda src, stage: export_fp16(src, stage, dtype=dtype),
+    writers: dict[str, Callable[[ModelSource, Path, str], dict[str, Any]]] = {
+        "gptq": lambda src, stage, dt: export_gptq(src, stage, zero_point=zero_point, dtype=dt),
+        "compressed-tensors": lambda src, stage, dt: export_compressed_tensors(src, stage, dtype=dt),
+        "fp16": lambda src, stage, dt: export_fp16(src, stage, dtype=dt),
     }
     if fmt not in writers:
         raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
     if zero_point != "v2" and fmt != "gptq":
         raise ConfigError(f"zero_point {zero_point!r} applies to the gptq format only, not {fmt}; drop it")
-    if dtype != "float16" and fmt != "fp16":
-        raise ConfigError(f"dtype {dtype!r} applies to the fp16 format only ({fmt} keeps fp16 scales); drop it")
     t0 = time.time()
     src = open_run(run_dir)
+    out_dtype = resolve_dtype(src, fmt, dtype)
     out = check_out_dir(run_dir, out_dir)
-    stage = out.parent / f".{out.name}.partial"
-    shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted export; never holds anything else
-    stage.mkdir(parents=True)
-    try:
-        details = writers[fmt](src, stage)
-        if out.exists():
-            out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    files = sorted(p.name for p in out.iterdir())
-    report: dict[str, Any] = {
-        "format": fmt,
-        "run_dir": str(Path(run_dir).resolve()),
-        "out_dir": str(out),
-        "bits": src.quant["bits"],
-        "group_size": src.quant["group_size"],
-        **details,
-        "files": files,
-        "bytes": sum((out / f).stat().st_size for f in files),
-        "export_seconds": round(time.time() - t0, 3),
-        "frugal_qat_version": __version__,
-    }
-    log.info("exported %s to %s (%d files, %.1f MB)", fmt, out, len(files), report["bytes"] / 1e6)
+    windows = None
     if verify:
-        from frugal_qat.export.verify import verify_export
+        windows = verify_windows
+        if windows is None:
+            windows = calibration_windows(run_dir, verify_tokens or TOKENS)
+    request = {
+        "format": fmt,
+        "zero_point": zero_point if fmt == "gptq" else None,
+        "dtype": out_dtype,
+        "run": run_fingerprint(src),
+        "verify_windows_sha256": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+        if verify else None,
+    }
+    done = completed_report(out, request)
+    if done is not None:
+        log.info("export already complete in %s (made by the same command); nothing to do", out)
+        return {**done, "already_complete": True}
 
-        report["verify"] = verify_export(run_dir, out, fmt)
-    atomic_write_json(out / REPORT_FILE, report)
+    stage = out.parent / f".{out.name}.partial"
+    staged = completed_report(stage, request, strict=False)
+    if staged is not None:
+        log.info("found the finished export staged in %s; committing it", stage)
+        report = staged
+    else:
+        shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted export; never holds anything else
+        stage.mkdir(parents=True)
+        try:
+            bits = src.quant["bits"]
+            line = engine_line(fmt, bits, zero_point, out_dtype)
+            log.info("engines: %s", line)
+            details = writers[fmt](src, stage, out_dtype)
+            report = {
+                "format": fmt,
+                "request": request,
+                "run_dir": str(Path(run_dir).resolve()),
+                "out_dir": str(out),
+                "bits": bits,
+                "group_size": src.quant["group_size"],
+                "dtype": out_dtype,
+                **details,
+                "engines": engine_table(fmt, bits, zero_point),
+                "engine_line": line,
+                "frugal_qat_version": __version__,
+            }
+            log.info("exported %s into %s", fmt, stage)
+            if verify:
+                report["verify"] = verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows)
+            from frugal_qat.export.card import model_card
+
+            (stage / README_FILE).write_text(model_card(report))
+            files = sorted(p.name for p in stage.iterdir())
+            report["files"] = sorted([*files, REPORT_FILE])
+            report["bytes"] = sum((stage / f).stat().st_size for f in files)
+            report["export_seconds"] = round(time.time() - t0, 3)
+            atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
+        except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    kill_point("export_commit")
+    if out.exists():
+        out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
+    kill_point("export_rename")
+    os.replace(stage, out)  # the commit
+    fsync_dir(out.parent)
+    log.info("exported %s to %s (%d files, %.1f MB)", fmt, out, len(report["files"]), report["bytes"] / 1e6)
     return report
 
 
@@ -153,14 +217,64 @@ def open_run(run_dir: str | Path) -> ModelSource:
     return src
 
 
+def resolve_dtype(src: ModelSource, fmt: str, dtype: str) -> str:
+    """The export's dtype: ``dtype``, or for ``"auto"`` the source model's (bfloat16 if bf16-native, else float16).
+
+    The run's config.json is the source model's, so its ``dtype`` (transformers 5) or ``torch_dtype`` says what the
+    model was trained in. float32 sources export as float16 (the 16-bit kernels' dtype), unless asked for.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype == "float32" and fmt != "fp16":
+        raise ConfigError(f"dtype float32 applies to the dense fp16 format only: {fmt} kernels compute in float16 or "
+                          f"bfloat16; choose auto, float16 or bfloat16 (a loader can still compute in float32)")
+    if dtype != "auto":
+        return dtype
+    source = src.config.get("dtype") or src.config.get("torch_dtype")
+    return "bfloat16" if source == "bfloat16" else "float16"
+
+
+def run_fingerprint(src: ModelSource) -> str:
+    """sha256 of the run's shard headers and sizes and of its manifest (which records every block's losses), so a
+    retrained run into the same folder is told from the one an export was made of, without reading the weights."""
+    h = hashlib.sha256(repr(sorted(src.store.fingerprint().items())).encode())
+    manifest = src.dir / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    return h.hexdigest()
+
+
 def check_out_dir(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """``out_dir`` resolved, after refusing the run directory itself, a folder inside it, or a non-empty folder."""
+    """``out_dir`` resolved, after refusing the run directory itself or a folder inside it."""
     run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
     if out == run or run in out.parents:
         raise ConfigError(f"export directory {out} lies inside the run directory {run}; choose a folder outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"export directory {out} already exists and is not empty; choose a new folder or delete it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export path {out} exists and is not a directory; choose a new folder")
     return out
+
+
+def completed_report(folder: Path, request: dict[str, Any], strict: bool = True) -> dict[str, Any] | None:
+    """The report of the complete export of ``request`` in ``folder``, or ``None`` when there is none.
+
+    ``strict`` (the final folder): a non-empty folder that holds no such export is refused, never overwritten.
+    Otherwise (the staging folder) anything else just means "redo".
+    """
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    report_path = folder / REPORT_FILE
+    report = read_json(report_path) if report_path.is_file() else None
+    if isinstance(report, dict) and report.get("request") == request:
+        return report
+    if not strict:
+        return None
+    if report is None:
+        raise ConfigError(f"export directory {folder} already exists and is not empty; choose a new folder or "
+                          f"delete it")
+    old = report.get("request") or {}
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in request.items() if old.get(k) != v]
+    raise ConfigError(f"export directory {folder} holds another export ({'; '.join(diffs)}); choose a new folder "
+                      f"or delete it")
 
 
 def shard_name(k: int, n: int) -> str:
@@ -177,8 +291,11 @@ def write_shards(
     """One shard per decoder block (``convert_block(i)`` gives its tensors, full names) and a last one with the
     embeddings, final norm and lm_head, plus ``model.safetensors.index.json``.
 
-    Only one block's tensors exist at a time. A config that says untied but a run without lm_head (ModelSource
-    then uses the embeddings) gets the embeddings written as lm_head, so every loader computes the same thing.
+    Only one block's tensors exist at a time. ``lm_head.weight`` is always written, for tied models too (a copy of
+    the embeddings): loaders that do not tie weights themselves otherwise leave it uninitialised (reported as zero
+    in issue 17 for older GPTQ stacks), while transformers ties it anyway and vLLM skips the tensor of a tied
+    model. It costs ``vocab * hidden * 2`` bytes. A config that says untied but a run without lm_head (ModelSource
+    then uses the embeddings) gets the same copy, so every loader computes the same thing.
     """
     n = src.n_layers + 1
     weight_map: dict[str, str] = {}
@@ -193,20 +310,29 @@ def write_shards(
 
     for i in range(src.n_layers):
         save(i + 1, convert_block(i))  # the block's tensors are dropped when save() returns
-    extra = {EMBED_KEY: src.embed_weight().to(extra_dtype), NORM_KEY: src.store.get(NORM_KEY).to(extra_dtype)}
-    if not src.hf.tie_word_embeddings:
-        extra[LM_HEAD_KEY] = src.lm_head_weight().to(extra_dtype)
+    embed = src.embed_weight().to(extra_dtype)
+    extra = {EMBED_KEY: embed, NORM_KEY: src.store.get(NORM_KEY).to(extra_dtype)}
+    extra[LM_HEAD_KEY] = embed.clone() if src.tied else src.lm_head_weight().to(extra_dtype)
     save(n, extra)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_json(out / INDEX_FILE, index)
 
 
 def write_model_files(src: ModelSource, out: Path, quantization_config: dict[str, Any] | None,
-                      dtype: str = "float16") -> None:
-    """config.json (the run's, with ``quantization_config`` replaced and the dtype set) and the tokenizer files."""
+                      dtype: str) -> None:
+    """config.json (the run's, with ``quantization_config`` replaced, the dtype set and the RoPE base also in the
+    pre-transformers-5 keys) and the tokenizer files."""
     cfg = {k: v for k, v in src.config.items() if k != "quantization_config"}
-    # Scales are fp16; a bf16 default dtype would make loaders round them (vLLM casts scales to the model dtype).
+    # Both spellings: transformers 5 reads "dtype", older readers and other tools "torch_dtype". This is the dtype
+    # loaders compute in by default; scales stay fp16 in the files (see the module docstring).
     cfg["dtype"] = cfg["torch_dtype"] = dtype
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        # transformers < 5 (and GPTQ stacks built on it) read rope_theta / rope_scaling and would otherwise fall
+        # back to a default base of 10000; transformers 5 reads rope_parameters and ignores these.
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     if quantization_config is not None:
         cfg["quantization_config"] = quantization_config
     atomic_write_json(out / "config.json", cfg)
@@ -221,4 +347,4 @@ def linear_keys(src: ModelSource, i: int) -> list[str]:
     return [f"model.layers.{i}.{name}" for name in src.arch.linears]
 
 
-__all__ = ["FORMATS", "REPORT_FILE", "export_run"]
+__all__ = ["DTYPES", "FORMATS", "README_FILE", "REPORT_FILE", "export_run"]

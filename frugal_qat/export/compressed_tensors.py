@@ -1,4 +1,4 @@
-"""compressed-tensors export: the "pack-quantized" checkpoint llm-compressor writes and vLLM / transformers load.
+"""compressed-tensors export: the "pack-quantized" checkpoint llm-compressor writes and transformers loads.
 
 Per linear ``W[out, in]`` (b bits, groups of g input columns, G = in // g; g = -1 is the "channel" strategy, G = 1):
 
@@ -17,8 +17,9 @@ Bit layout by version: 2, 4 and 8 bits have always been packed this way (32/b wh
 compressed-tensors packs densely (32 values in 3 words, values straddling words) since its dense-packing change
 (vllm-project/compressed-tensors PR #732, in 0.20.0, which we check against); the short-lived releases before it
 that accepted 3 bits put 10 values in each word. Those older readers expect another ``weight_packed`` width and
-refuse these files rather than misread them. vLLM's kernels for this scheme have historically covered 4 and 8
-bits; 2/3-bit files load in compressed-tensors and transformers (see docs/EXPORT.md).
+refuse these files rather than misread them. vLLM's WNA16 scheme takes 4 and 8 bits only, so 2/3-bit files have
+no vLLM path; all load in compressed-tensors and transformers with ``CompressedTensorsConfig(dequantize=True)``
+(``engines.py``, docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 FORMAT = "pack-quantized"
 
 
-def export_compressed_tensors(src: ModelSource, out: Path) -> dict[str, Any]:
+def export_compressed_tensors(src: ModelSource, out: Path, *, dtype: str = "float16") -> dict[str, Any]:
     """Write ``src`` (an opened run) as a compressed-tensors pack-quantized checkpoint into ``out``."""
     bits, group = src.quant["bits"], src.quant["group_size"]
     if bits == 3:
@@ -60,7 +61,7 @@ def export_compressed_tensors(src: ModelSource, out: Path) -> dict[str, Any]:
         return out_t
 
     write_shards(src, out, convert)
-    write_model_files(src, out, quantization_config(bits, group))
+    write_model_files(src, out, quantization_config(bits, group), dtype)
     return {"compression_format": FORMAT}
 
 

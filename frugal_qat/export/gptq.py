@@ -1,4 +1,5 @@
-"""GPTQ export: the checkpoint GPTQModel, transformers (+ optimum + gptqmodel) and vLLM load.
+"""GPTQ export: the checkpoint GPTQModel and transformers (+ optimum + gptqmodel) load (``engines.py`` has the
+full list per bit width, with what was checked; vLLM's GPTQ kernels take symmetric 4/8-bit files only).
 
 A run already stores each linear in GPTQ's layout (notes §4, ``frugal_qat.quantizer.packing``):
 
@@ -15,6 +16,12 @@ so the export copies those tensors (after checking them) and writes the metadata
   z = 0, which asymmetric quantization produces whenever a group is all positive, so a run with any z = 0 is
   refused. GPTQModel's own ``GPTQModel.load`` also refuses asymmetric v1 files not written by GPTQModel >= 0.9
   (it guards against old AutoGPTQ files whose z - 1 wrapped); transformers' GPTQ integration reads them.
+
+Config keys: ``quantization_config`` in config.json and the same in quantize_config.json (GPTQModel reads the
+latter). ``meta`` (``{"quantizer": ["frugal_qat:VERSION"]}``) is written for v2 only: for it transformers refuses
+to hand a GPTQ config to AutoRound, which would otherwise read v2 zero points as v1 (every weight off by one
+step); v1 files omit it so AutoRound's loader accepts them. GPTQModel reads ``meta`` only to recognise files
+written by itself.
 
 Shapes: loaders size ``qweight`` as ``in*b/32`` and ``qzeros`` as ``out*b/32`` words, some rounding down; a layer
 whose ``in*b`` or ``out*b`` is not a multiple of 32 (3-bit: in or out not a multiple of 32) is refused.
@@ -43,7 +50,7 @@ CHECKPOINT_FORMATS = {"v2": "gptq_v2", "v1": "gptq"}
 KERNEL_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 
 
-def export_gptq(src: ModelSource, out: Path, *, zero_point: str = "v2") -> dict[str, Any]:
+def export_gptq(src: ModelSource, out: Path, *, zero_point: str = "v2", dtype: str = "float16") -> dict[str, Any]:
     """Write ``src`` (an opened run) as a GPTQ checkpoint into ``out``; see the module docstring for the layout.
 
     Raises:
@@ -77,7 +84,7 @@ def export_gptq(src: ModelSource, out: Path, *, zero_point: str = "v2") -> dict[
 
     write_shards(src, out, convert)
     qc = quantization_config(bits, group, fmt)
-    write_model_files(src, out, qc)
+    write_model_files(src, out, qc, dtype)
     atomic_write_json(out / "quantize_config.json", qc)
     return {"checkpoint_format": fmt}
 
@@ -86,8 +93,9 @@ def quantization_config(bits: int, group_size: int, checkpoint_format: str) -> d
     """What GPTQModel (``quantize_config.json``) and transformers (``config.json``) read.
 
     GPTQModel reads ``format`` and still accepts ``checkpoint_format``; transformers' GPTQConfig reads either.
+    ``meta`` only for gptq_v2 (module docstring).
     """
-    return {
+    qc = {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
@@ -99,8 +107,10 @@ def quantization_config(bits: int, group_size: int, checkpoint_format: str) -> d
         "format": checkpoint_format,
         "checkpoint_format": checkpoint_format,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"frugal_qat:{__version__}"]},
     }
+    if checkpoint_format == "gptq_v2":
+        qc["meta"] = {"quantizer": [f"frugal_qat:{__version__}"]}
+    return qc
 
 
 def _preflight(src: ModelSource, bits: int, zero_point: str) -> None:

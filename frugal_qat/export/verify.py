@@ -1,40 +1,56 @@
-"""Check an export on the spot: decode it as the format says, reload it with the format's own library, compare.
+"""Check an export on the spot: decode it as the format says, then load it the ways users will and compare.
 
-Two checks, both recorded in the export report:
+Two checks, both recorded in the export report and summarised in the export's README:
 
 1. ``weights`` (always; streamed one block at a time): every tensor of the export is decoded by a reader written
    from the format's specification, independently of frugal-qat's packer (``read_bitstream`` extracts value j
    from stream bits ``[j*b, j*b + b)``), and compared with the run's dequantized weights ``(q - z) * s`` in fp32.
    GPTQ and compressed-tensors must match exactly (0.0, else the export fails as a bug); fp16 differs by the
    fp16 rounding of each weight (0.0 with ``dtype="float32"``).
-2. ``logits``: the export loaded by the format's own library through transformers (GPTQ: optimum + gptqmodel;
-   compressed-tensors: compressed-tensors; fp16: transformers alone) and frugal-qat's forward (the run as a
-   transformers model, fp32) run on the same token windows: max abs logit difference and both perplexities.
-   This needs both models in memory; it is skipped, with the reason, when the library is not installed or the
-   dense model would not fit comfortably in the available RAM.
+2. ``loaders``: the export loaded through each loader of its format (``loaders.py``: the library's defaults on the
+   device at hand, and the recommended settings), and frugal-qat's own forward (the run as a transformers model,
+   fp32), run on the same token windows. For each: the perplexity, its relative difference from frugal-qat's
 
-The windows are cut from a short English text with the run's tokenizer (random tokens if it cannot load).
+       rel_diff = ppl_loader / ppl_frugal_qat - 1 = exp(mean_t(nll_loader[t] - nll_ours[t])) - 1
+
+   with its standard error over windows (the paired difference, so a 1 % shift shows on a few thousand tokens),
+   and the largest logit difference on the first window. A loader that fails, or whose perplexity differs by more
+   than ``tolerance`` (0.5 %), gets a warning naming the cause (the dtype it computed in, or the error) and the
+   fix (the recommended call). Loaders whose library is not installed are skipped with the reason, as is the
+   whole check when the dense model would not fit twice in free RAM.
+
+The token windows are the run's own calibration windows (``calib.safetensors``; the held-out validation windows
+first), up to ``tokens`` tokens; a short English text when the run has none.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import importlib.util
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
+from frugal_qat import __version__
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
 from frugal_qat.errors import CorruptCheckpoint
+from frugal_qat.export.loaders import Loader, loaders_for
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.weights import WeightStore, read_config
 
 log = logging.getLogger(__name__)
 
+TOLERANCE = 0.005  # a loader "reproduces" frugal-qat's quality when its perplexity is within 0.5 %
+# Verification tokens: the paired difference's standard error was 0.22 % at 2048 tokens on SmolLM2-135M w2g64
+# (docs/EXPORT.md), so a 1 % difference stands out at 4.5 standard errors; more tokens cost minutes per GPTQ
+# loader on CPU (fp16 kernels).
+TOKENS = 2048
 TEXT = (
     "The history of computing is a story of machines that grew smaller while their memories grew larger. Early "
     "computers filled whole rooms and could hold only a few thousand numbers. Engineers learned to store each "
@@ -45,9 +61,14 @@ TEXT = (
 )
 
 
-def verify_export(run_dir: str | Path, out_dir: str | Path, fmt: str, *, n_windows: int = 4,
-                  seqlen: int = 64, windows: torch.Tensor | None = None) -> dict[str, Any]:
-    """Both checks above for the export of ``run_dir`` in ``out_dir`` (format ``fmt``); returns their results."""
+def verify_export(run_dir: str | Path, out_dir: str | Path, fmt: str, *, export_dtype: str = "float16",
+                  windows: torch.Tensor | None = None, tokens: int = TOKENS, tolerance: float = TOLERANCE,
+                  device: torch.device | str | None = None) -> dict[str, Any]:
+    """Both checks above for the export of ``run_dir`` in ``out_dir`` (format ``fmt``); returns their results.
+
+    ``windows`` [n, L] token ids replace the run's calibration windows (the benchmark passes held-out text);
+    ``device`` defaults to CUDA when available, else CPU.
+    """
     report: dict[str, Any] = {"weights": check_weights(run_dir, out_dir, fmt)}
     diff = report["weights"]["max_abs_weight_diff"]
     log.info("verify %s: weights decoded from the export differ from the run by at most %.3g", fmt, diff)
@@ -57,14 +78,10 @@ def verify_export(run_dir: str | Path, out_dir: str | Path, fmt: str, *, n_windo
             f"this is a bug in frugal-qat's exporter, please report it with the run's config.json"
         )
     if windows is None:
-        windows = sample_windows(run_dir, n_windows, seqlen)
-    report["logits"] = check_logits(run_dir, out_dir, fmt, windows)
-    if "max_abs_logit_diff" in report["logits"]:
-        lg = report["logits"]
-        log.info("verify %s via %s: max |logit diff| %.3g, perplexity %.4f (frugal-qat %.4f)", fmt, lg["loader"],
-                 lg["max_abs_logit_diff"], lg["ppl_export"], lg["ppl_frugal_qat"])
-    else:
-        log.warning("verify %s: logits not compared: %s", fmt, report["logits"]["skipped"])
+        windows = calibration_windows(run_dir, tokens)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
+    report.update(check_loaders(run_dir, out_dir, fmt, windows, export_dtype, device, tolerance))
     return report
 
 
@@ -155,11 +172,23 @@ def check_weights(run_dir: str | Path, out_dir: str | Path, fmt: str) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Logits, through the format's own library
+# 2. The loaders users run, against frugal-qat's forward
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sample_windows(model_dir: str | Path, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def calibration_windows(run_dir: str | Path, tokens: int) -> torch.Tensor:
+    """``[n, L]`` windows of at least ``tokens`` tokens in all (fewer if the run has fewer): the run's calibration
+    windows, last first (Block-AP's validation windows come last, and no block trained on them)."""
+    calib = Path(run_dir) / "calib.safetensors"
+    if calib.is_file():
+        from safetensors.torch import load_file
+
+        windows = load_file(calib)["windows"].long().flip(0)
+        return windows[: max(1, math.ceil(tokens / windows.shape[1]))]
+    return text_windows(run_dir, math.ceil(tokens / 256), 256)
+
+
+def text_windows(model_dir: str | Path, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``[n, seqlen]`` token ids cut from ``TEXT`` (repeated as needed) with the model's tokenizer."""
     vocab = int(read_config(model_dir)["vocab_size"])
     try:
@@ -173,66 +202,133 @@ def sample_windows(model_dir: str | Path, n: int, seqlen: int, seed: int = 0) ->
     return ids.clamp(max=vocab - 1).reshape(n, seqlen)
 
 
-def check_logits(run_dir: str | Path, out_dir: str | Path, fmt: str, windows: torch.Tensor) -> dict[str, Any]:
+def check_loaders(run_dir: str | Path, out_dir: str | Path, fmt: str, windows: torch.Tensor, export_dtype: str,
+                  device: torch.device, tolerance: float = TOLERANCE, loaders: list[Loader] | None = None,
+                  reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """frugal-qat's perplexity on ``windows`` and, for every loader (default: ``loaders_for`` the format), its
+    result and verdict. ``reference``: ``reference_nll(run_dir, windows, device)`` when already computed."""
+    out: dict[str, Any] = {"device": str(device), "windows": list(windows.shape), "tolerance": tolerance}
+    dense_bytes = 4 * _n_params(read_config(run_dir))
+    if device.type == "cpu" and 2.5 * dense_bytes > psutil.virtual_memory().available:
+        out["skipped"] = f"the dense model ({dense_bytes / 2**30:.1f} GiB in fp32) twice does not fit in free RAM"
+        log.warning("verify %s: loaders not checked: %s", fmt, out["skipped"])
+        return out
+    nll_ours, logits_ours = reference if reference is not None else reference_nll(run_dir, windows, device)
+    out["ppl_frugal_qat"] = math.exp(float(nll_ours.mean()))
+    log.info("verify %s: frugal-qat's own perplexity %.4f on %d x %d tokens", fmt, out["ppl_frugal_qat"],
+             *windows.shape)
+
+    if loaders is None:
+        loaders = loaders_for(fmt, read_config(out_dir).get("quantization_config"), export_dtype, device)
+    results = []
+    for loader in loaders:
+        res = run_loader(loader, out_dir, windows, nll_ours, logits_ours)
+        res["warning"] = judge(res, loader, loaders, out["ppl_frugal_qat"], tolerance, device, export_dtype)
+        _log_result(fmt, res)
+        results.append(res)
+    out["loaders"] = results
+    out["warnings"] = [r["warning"] for r in results if r["warning"]]
+    out["reproduce"] = [r["call"] for r in results if r["status"] == "ok"]
+    return out
+
+
+def reference_nll(run_dir: str | Path, windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """frugal-qat's own per-token NLL and first-window logits: the run as a transformers model, fp32."""
     from frugal_qat.export.hf_model import load_quantized_model
 
-    need = _required_packages(fmt)
-    missing = [p for p in need if importlib.util.find_spec(p.replace("-", "_")) is None]
+    ours = load_quantized_model(run_dir).to(device)
+    try:
+        return token_nll(ours, windows)
+    finally:
+        del ours
+        gc.collect()
+
+
+def run_loader(loader: Loader, out_dir: str | Path, windows: torch.Tensor, nll_ours: torch.Tensor,
+               logits_ours: torch.Tensor) -> dict[str, Any]:
+    """Load the export through ``loader`` and score it on ``windows``; an error is recorded, not raised."""
+    res: dict[str, Any] = {"loader": loader.name, "settings": loader.settings, "call": loader.call}
+    missing = [p for p in ("transformers", *loader.packages) if importlib.util.find_spec(p.replace("-", "_")) is None]
     if missing:
-        return {"skipped": f"{', '.join(missing)} not installed (pip install {' '.join(missing)})"}
-    dense_bytes = 4 * _n_params(read_config(run_dir))
-    if 2.5 * dense_bytes > psutil.virtual_memory().available:  # ours (fp32) + the loaded export + activations
-        return {"skipped": f"the dense model ({dense_bytes / 2**30:.1f} GiB in fp32) twice does not fit in free RAM"}
-    ref = load_quantized_model(run_dir)
-    ours, ppl_ours = _logits_and_ppl(ref, windows)
-    del ref
-    # gptqmodel torch.compile()s every layer's dequantization; on CPU that takes minutes and changes only speed.
-    with torch._dynamo.config.patch(disable=True):
-        model = _load_export(out_dir, fmt)
-        theirs, ppl_theirs = _logits_and_ppl(model, windows)
-    return {
-        "loader": " + ".join(f"{p} {importlib.metadata.version(p)}" for p in ("transformers", *need)),
-        "compute_dtype": str(model.dtype).removeprefix("torch."),
-        "windows": list(windows.shape),
-        "max_abs_logit_diff": float((ours - theirs).abs().max()),
-        "ppl_frugal_qat": ppl_ours,
-        "ppl_export": ppl_theirs,
-    }
+        res.update(status="skipped", reason=f"{', '.join(missing)} not installed (pip install {' '.join(missing)})")
+        return res
+    res["versions"] = " + ".join(f"{p} {importlib.metadata.version(p)}" for p in ("transformers", *loader.packages))
+    t0 = time.perf_counter()
+    try:
+        # gptqmodel torch.compile()s every layer's dequantization; on CPU that takes minutes and changes only speed.
+        with torch._dynamo.config.patch(disable=True):
+            model = loader.load(Path(out_dir))
+            device = next(model.parameters()).device
+            res.update(compute_dtype=str(model.dtype).removeprefix("torch."), device=str(device))
+            nll, logits = token_nll(model, windows)
+    except Exception as e:  # any loader failure is a finding to report, never a crash of the export
+        res.update(status="fails", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+        return res
+    finally:
+        model = None
+        gc.collect()
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+    d = (nll - nll_ours).view(windows.shape[0], -1).mean(1)  # per-window mean of the paired difference
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    res.update(status="ok", ppl=math.exp(float(nll.mean())), rel_diff=math.expm1(float(d.mean())),
+               rel_diff_se=se, max_abs_logit_diff=float((logits - logits_ours).abs().max()))
+    return res
 
 
-def _required_packages(fmt: str) -> tuple[str, ...]:
-    return {"gptq": ("optimum", "gptqmodel"), "compressed-tensors": ("compressed-tensors",), "fp16": ()}[fmt]
+def judge(res: dict[str, Any], loader: Loader, loaders: list[Loader], ppl_ours: float, tolerance: float,
+          device: torch.device, export_dtype: str) -> str | None:
+    """The warning for one loader's result (``None`` when it reproduces frugal-qat's perplexity within
+    ``tolerance``); sets ``res["status"]`` to ``"differs"`` when the perplexity is off."""
+    if res["status"] == "skipped":
+        return None
+    rec = next((x for x in loaders if x.library == loader.library and x.settings == "recommended"), None)
+    fix = f"load it with {rec.call}" if rec is not None and rec is not loader else (
+        f"please report it (frugal-qat {__version__}, with this export's frugal_qat_export.json)")
+    if res["status"] == "fails":
+        cause = f" ({loader.known_failure})" if loader.known_failure else ""
+        return f"{loader.name}, `{loader.call}`, fails: {res['error']}{cause}; {fix}"
+    if abs(res["rel_diff"]) <= tolerance:
+        return None
+    res["status"] = "differs"
+    dtype = res["compute_dtype"]
+    cause = f"it computes in {dtype} on {res['device']}"
+    if loader.known_failure:
+        cause += f" and {loader.known_failure}"
+    if dtype == "bfloat16":
+        cause += ", which rounds every fp16 scale to 8 significant bits (a whole group of weights moves at once)"
+        if rec is loader and export_dtype == "bfloat16":
+            fix = ("the source model is bf16-native: if its activations stay below 65504, dtype=torch.float16 "
+                   "avoids this; or export --format fp16 --dtype float32")
+    return (f"{loader.name}, `{loader.call}`: perplexity {res['ppl']:.4g} is {res['rel_diff']:+.1%} against "
+            f"frugal-qat's {ppl_ours:.4g}: {cause}; {fix}")
 
 
-def _load_export(out_dir: Path, fmt: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    if fmt == "gptq":
-        from transformers import GPTQConfig
-
-        # GPTQModel's reference kernel (TorchLinear, fp16), which decodes the file as GPTQ specifies. Its
-        # auto-selected CPU int4 kernels (TorchFused/TorchAten) compute group_size -1 wrongly in gptqmodel 7.7.0.
-        bits = read_config(out_dir)["quantization_config"]["bits"]
-        return AutoModelForCausalLM.from_pretrained(
-            str(out_dir), device_map="cpu", quantization_config=GPTQConfig(bits=bits, backend="torch")
-        ).eval()
-    if fmt == "compressed-tensors":
-        from transformers import CompressedTensorsConfig
-
-        # dequantize=True: compressed-tensors decompresses each weight at load. (Its default "keep compressed"
-        # path fails for asymmetric pack-quantized in compressed-tensors 0.20.0 + transformers 5.23: it sizes
-        # weight_zero_point unpacked, [out, G], and refuses the packed tensor, also for files it writes itself.)
-        return AutoModelForCausalLM.from_pretrained(
-            str(out_dir), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-        ).eval()
-    return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+def _log_result(fmt: str, res: dict[str, Any]) -> None:
+    if res["status"] == "skipped":
+        log.info("verify %s via %s: skipped (%s)", fmt, res["loader"], res["reason"])
+    elif res["status"] == "fails":
+        log.warning("verify %s: %s", fmt, res["warning"])
+    else:
+        log.info("verify %s via %s (%s): perplexity %.4f (%+.2f %% +- %.2f against frugal-qat), max |logit diff| %.3g",
+                 fmt, res["loader"], res["compute_dtype"], res["ppl"], 100 * res["rel_diff"],
+                 100 * res["rel_diff_se"], res["max_abs_logit_diff"])
+        if res["warning"]:
+            log.warning("verify %s: %s", fmt, res["warning"])
 
 
 @torch.no_grad()
-def _logits_and_ppl(model: torch.nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, float]:
-    logits = torch.cat([model(w.unsqueeze(0)).logits.float() for w in windows])
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    return logits, math.exp(float(nll))
+def token_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token negative log-likelihoods ``[n * (L - 1)]`` (fp64) over ``windows`` [n, L], one window at a time,
+    and the fp32 logits of the first window (for the logit comparison)."""
+    device = next(model.parameters()).device
+    nll, first = [], None
+    for w in windows:
+        logits = model(w.unsqueeze(0).to(device)).logits[0].float()
+        if first is None:
+            first = logits.cpu()
+        nll.append(torch.nn.functional.cross_entropy(logits[:-1], w[1:].to(device), reduction="none").double().cpu())
+    return torch.cat(nll), first
 
 
 def _n_params(cfg: dict[str, Any]) -> int:
