@@ -327,11 +327,13 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from frugal_qat.checkpoint.store import stage_log
     from frugal_qat.export import export_run
+    from frugal_qat.planner.profile import no_mark
 
     kwargs = {"zero_point": args.zero_point} if args.zero_point else {}
     report = export_run(Path(args.run), args.format, Path(args.out), verify=not args.no_verify, dtype=args.dtype,
-                        verify_tokens=args.verify_tokens, **kwargs)
+                        verify_tokens=args.verify_tokens, mark=stage_log(no_mark), **kwargs)
     if report.get("already_complete"):
         print(f"{report['out_dir']}: this {args.format} export is already complete (made by the same command); "
               f"nothing to do")

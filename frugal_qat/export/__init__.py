@@ -46,7 +46,14 @@ import torch
 from frugal_qat import __version__
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
 from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES
-from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json, fsync_dir, kill_point, read_json
+from frugal_qat.checkpoint.store import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    kill_point,
+    read_json,
+)
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
 from frugal_qat.offload.blocks import ModelSource
 
@@ -68,6 +75,7 @@ def export_run(
     dtype: str = "auto",
     verify_tokens: int | None = None,
     verify_windows: torch.Tensor | None = None,
+    mark: Callable[[str, object], None] = lambda kind, value: None,
 ) -> dict[str, Any]:
     """Write the run in ``fmt`` to ``out_dir`` and (``verify``) check it the ways users will load it.
 
@@ -86,6 +94,8 @@ def export_run(
         verify_tokens: how many of the run's calibration tokens the loaders are scored on (default
             ``verify.TOKENS``).
         verify_windows: ``[n, L]`` token ids to score on instead (the benchmark's held-out text).
+        mark: told the stage (``"stage", "write" | "verify" | "commit"``), as the run loops tell theirs
+            (``frugal_qat.planner.profile.Mark``; the random-kill harness logs them).
 
     Returns:
         The report, also saved as ``out_dir/frugal_qat_export.json``: the request, format, files, bytes, seconds,
@@ -146,6 +156,7 @@ def export_run(
             bits = src.quant["bits"]
             line = engine_line(fmt, bits, zero_point, out_dtype)
             log.info("engines: %s", line)
+            mark("stage", "write")
             details = writers[fmt](src, stage, out_dtype)
             report = {
                 "format": fmt,
@@ -162,10 +173,11 @@ def export_run(
             }
             log.info("exported %s into %s", fmt, stage)
             if verify:
+                mark("stage", "verify")
                 report["verify"] = verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows)
             from frugal_qat.export.card import model_card
 
-            (stage / README_FILE).write_text(model_card(report))
+            atomic_write_bytes(stage / README_FILE, model_card(report).encode())
             files = sorted(p.name for p in stage.iterdir())
             report["files"] = sorted([*files, REPORT_FILE])
             report["bytes"] = sum((stage / f).stat().st_size for f in files)
@@ -174,6 +186,7 @@ def export_run(
         except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
             shutil.rmtree(stage, ignore_errors=True)
             raise
+    mark("stage", "commit")
     kill_point("export_commit")
     if out.exists():
         out.rmdir()  # checked empty above; rename() will not replace a directory on every platform

@@ -195,3 +195,29 @@ def test_cli_rerun_of_a_complete_export_exits_0_untouched(runs, tmp_path, capsys
     assert tree_digest(tmp_path / "ct") == before
     assert main([*argv[:-1], "--dtype", "bfloat16", "--no-verify"]) == 2  # another export into the same folder
     assert "holds another export (dtype: 'float16' -> 'bfloat16')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_random_kills_of_an_export_resume_bit_identical(runs, tmp_path, fmt):
+    """The random-kill harness on `frugal-qat export`: killed while writing, verifying and committing, started
+    again each time; the result equals an uninterrupted export's (every tensor and model JSON), and a re-run of
+    the finished export is a no-op."""
+    import subprocess
+    import sys
+
+    from frugal_qat.checkpoint.chaos import chaos, env_without_faults, result_files, run_to_completion, snapshot
+
+    run = runs(3, 32)
+    cmd = [sys.executable, "-m", "frugal_qat", "export", "--run", str(run), "--format", fmt, "--verify-tokens", "128"]
+    env = env_without_faults()
+    ref, events = run_to_completion(cmd + ["--out", str(tmp_path / "ref")], env)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    report = chaos(cmd + ["--out", str(tmp_path / "out")], env, events, kills=3, seed=7, max_delay=0.2)
+    print(report.table())
+    assert report.completed, report.final.stderr[-2000:]
+    assert report.stages_hit == {"write", "verify", "commit"}, report.table()
+    assert result_files(tmp_path / "out", skip=("README.md",)) == result_files(tmp_path / "ref", skip=("README.md",))
+    before = snapshot(tmp_path / "out")
+    again = subprocess.run(cmd + ["--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already complete" in again.stdout and snapshot(tmp_path / "out") == before
