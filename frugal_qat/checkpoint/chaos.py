@@ -7,9 +7,10 @@ until it completes; then compare its result with an uninterrupted run's, bit for
 
 Where a run is comes from its stage log: with ``FRUGAL_QAT_STAGE_FILE`` set, every run loop appends a line
 ``block/stage`` as it moves (``frugal_qat.checkpoint.store.stage_log``). The uninterrupted run's log is the list of
-events. Each kill aims at an event not before the last one seen (so it lands in work the run still has to do):
-the next event of a stage no kill has landed in yet while there is one, else a random later event; it fires a
-random delay after that event appears. Every choice comes from ``random.Random(seed)`` and is printed, so a failing
+events, with how long each lasted. Each kill aims at an event not before the last one seen (so it lands in work
+the run still has to do): the next event of a stage no kill has landed in yet while there is one, else a random
+later event; it fires a random delay after that event appears, drawn within the event's duration in the
+uninterrupted run (capped by ``max_delay``), so short stages are hit too. Every choice comes from ``random.Random(seed)`` and is printed, so a failing
 sequence can be replayed. The report says which stage each kill landed in.
 """
 
@@ -64,30 +65,49 @@ def stage_of(event: str) -> str:
     return event.split("/", 1)[1].rstrip("0123456789 ")
 
 
-def _events(stage_file: Path) -> list[str]:
+def _log(stage_file: Path) -> list[tuple[str, float]]:
     try:
-        return [line for line in stage_file.read_text().splitlines() if line]
+        lines = [line.split("\t") for line in stage_file.read_text().splitlines() if line]
     except FileNotFoundError:
         return []
+    return [(parts[0], float(parts[1])) for parts in lines if len(parts) == 2]
+
+
+def _events(stage_file: Path) -> list[str]:
+    return [e for e, _ in _log(stage_file)]
+
+
+class Events(list):
+    """A stage log: the events in order (a list of ``block/stage`` strings) and each one's seconds."""
+
+    def __init__(self, items=(), seconds: dict[str, float] | None = None):
+        super().__init__(items)
+        self.seconds = seconds or {}
 
 
 def run_to_completion(cmd: list[str], env: dict[str, str], timeout: float = 900) -> tuple[subprocess.CompletedProcess,
-                                                                                         list[str]]:
-    """Run ``cmd`` once, uninterrupted; return the process and its stage log."""
+                                                                                         Events]:
+    """Run ``cmd`` once, uninterrupted; return the process and its stage log with every event's duration."""
     with tempfile.TemporaryDirectory(prefix="frugal-chaos-") as d:
         stage_file = Path(d) / "stages"
         proc = subprocess.run(cmd, env={**env, "FRUGAL_QAT_STAGE_FILE": str(stage_file)}, capture_output=True,
                               text=True, timeout=timeout)
-        return proc, _events(stage_file)
+        log_ = _log(stage_file)
+        end = time.time()
+        events = Events(e for e, _ in log_)
+        for (e, t), nxt in zip(log_, [t for _, t in log_[1:]] + [end]):
+            events.seconds.setdefault(e, nxt - t)
+        return proc, events
 
 
 def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int, seed: int, max_delay: float = 1.0,
           timeout: float = 900) -> ChaosReport:
     """Run ``cmd`` under ``kills`` random SIGKILLs (see the module docstring), then once more to completion.
 
-    ``events``: the stage log of an uninterrupted run of the same command. Returns the report; ``completed`` is
-    whether the last run exited 0.
+    ``events``: the stage log of an uninterrupted run of the same command (:func:`run_to_completion`). Returns
+    the report; ``completed`` is whether the last run exited 0.
     """
+    seconds = getattr(events, "seconds", {})
     rng = random.Random(seed)
     report = ChaosReport(seed)
     events = [e for e in events if not e.endswith("/-")]  # a block's first line, before its first stage
@@ -99,7 +119,7 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
             later = events[position:] or events[-1:]
             wanted = [e for e in later if stage_of(e) in uncovered]
             target = wanted[0] if wanted else rng.choice(later)
-            delay = rng.uniform(0, max_delay)
+            delay = rng.uniform(0, min(max_delay, seconds.get(target, max_delay)))
             stage_file.unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, env={**env, "FRUGAL_QAT_STAGE_FILE": str(stage_file)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

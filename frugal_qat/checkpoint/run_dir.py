@@ -97,11 +97,10 @@ def extra_tensors(get, has, tie: bool) -> dict[str, torch.Tensor]:
 
 
 def model_bytes(run_dir: Path) -> int:
-    """Bytes of the quantized model a run directory holds: every safetensors file but the calibration windows and
-    the work folder (packed blocks, embeddings, norms, lm_head), the same figure for Block-AP and E2E-QP runs."""
-    run_dir = Path(run_dir)
-    return sum(f.stat().st_size for f in run_dir.glob("**/*.safetensors")
-               if f.relative_to(run_dir).parts[0] != "work" and f.name != "calib.safetensors")
+    """Bytes of the model a run directory holds: the files its index names (packed blocks, embeddings, norms,
+    lm_head), not checkpoints, streams or calibration windows; the same figure for Block-AP and E2E-QP runs."""
+    index = json.loads((Path(run_dir) / INDEX_FILE).read_text())["weight_map"]
+    return sum((Path(run_dir) / f).stat().st_size for f in set(index.values()))
 
 
 def is_run_dir(path: Path) -> bool:

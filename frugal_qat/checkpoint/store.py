@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ def kill_point(name: str) -> None:
 
 def stage_log(mark: Callable[[str, object], None]) -> Callable[[str, object], None]:
     """``mark`` (a run's :data:`~frugal_qat.planner.profile.Mark`), also appending where the run is to the file
-    named by ``FRUGAL_QAT_STAGE_FILE`` when it is set: one line ``block/stage`` per mark (``-`` for none), written
-    with one ``write`` to an O_APPEND file so it survives a SIGKILL whole. The random-kill harness
+    named by ``FRUGAL_QAT_STAGE_FILE`` when it is set: one line ``block/stage<TAB>unix time`` per mark (``-`` for
+    none), written with one ``write`` to an O_APPEND file so it survives a SIGKILL whole. The random-kill harness
     (``frugal_qat.checkpoint.chaos``) reads it to aim its kills and to report which stages they landed in."""
     path = os.environ.get("FRUGAL_QAT_STAGE_FILE")
     if not path:
@@ -63,7 +64,7 @@ def stage_log(mark: Callable[[str, object], None]) -> Callable[[str, object], No
                 where["stage"] = "-"
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, f"{where['block']}/{where['stage']}\n".encode())
+                os.write(fd, f"{where['block']}/{where['stage']}\t{time.time():.4f}\n".encode())
             finally:
                 os.close(fd)
 

@@ -17,21 +17,15 @@ ARGS = ["--wbits", "2", "--group-size", "32", "--train-size", "8", "--val-size",
         "--quant-lr", "5e-3", "--weight-lr", "1e-3"]
 
 # Named kill points in narrow windows that random kills rarely hit, one per restart of the same run (a process
-# counts its own visits from 1), in the order the run reaches them.
+# counts its own visits from 1), in the order the run reaches them. The write path's own windows (mid-write,
+# synced but not recorded, mid-record, writes queued) are killed in tests/offload/test_activations.py.
 SEQUENCE = [
-    "stream_write@3",  # embedding the windows into the streams
-    "read_weights@3",  # reading block 0's tensors in the background
-    "stream_write@3",  # block 0's fp stream update: a torn chunk (first half of its rows written)
-    "stream_sync@2",  # fp update: chunk 2 durable, not yet recorded done
-    "after_fp_update@1",  # the update complete, the manifest not yet advanced
+    "stream_write@3",  # embedding the windows into the streams: a torn chunk
+    "after_fp_update@1",  # block 0's fp update complete, the manifest not yet advanced
     "train_checkpoint@1",  # writing a mid-epoch training checkpoint
-    "atomic_write@2",  # a checkpoint or manifest half written (its temporary file)
-    "stream_update@2",  # the quant stream update, with writes queued behind the compute
-    "stream_sync@5",  # quant update: its last chunks
+    "stream_sync@5",  # the quant update: a chunk durable, not yet recorded done
     "save_block@1",  # packing and saving block 0
-    "read_weights@5",  # block 1 read in the background
     "manifest@3",  # a manifest write
-    "save_block@1",  # block 1
     "after_done@1",  # finished, the work folder not yet removed
 ]
 
