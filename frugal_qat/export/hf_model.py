@@ -33,7 +33,7 @@ def load_quantized_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     carries the checkpoint's ``generation_config.json`` when there is one.
 
     Raises:
-        UnsupportedModel: an architecture outside Llama/Mistral/Qwen2, or a tensor the model class does not expect.
+        UnsupportedModel: an architecture frugal_qat.arch does not support, or a tensor the model class does not expect.
         CorruptCheckpoint: missing or damaged files.
     """
     src = ModelSource(model_dir)
