@@ -30,7 +30,7 @@ def _block_ap_cfg():
     return resolve(None, {"quant.wbits": 2, "quant.group_size": 32, "data.train_size": 4, "data.val_size": 2,
                           "data.seqlen": 16, "block_ap.epochs": 2, "block_ap.batch_size": 2,
                           "block_ap.quant_lr": 5e-3, "block_ap.weight_lr": 1e-3, "block_ap.ckpt_every_steps": 1,
-                          "offload.device": "cpu", "offload.chunk_mb": 1, "offload.io": "mmap"})
+                          "offload.device": "cpu", "offload.chunk_mb": 1, "offload.io": "buffered"})
 
 
 def _tokens(n: int, L: int, seed: int) -> torch.Tensor:
