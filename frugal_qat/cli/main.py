@@ -159,9 +159,10 @@ def cmd_block_ap(args) -> int:
 
     cfg = _run_config(args)
     model = Path(args.model)
+    from frugal_qat.arch import hf_config
     from frugal_qat.offload.weights import read_config
 
-    read_config(model)  # a missing/malformed model is reported before tokenizing anything
+    hf_config(read_config(model))  # a missing, malformed or unsupported model is reported before tokenizing anything
     windows = calibration_windows(model, cfg)
     _init_distributed(args)
     stop = StopFlag()

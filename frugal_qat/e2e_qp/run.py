@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
+from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, logit_softcap, softcap
 from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, model_bytes, save_block
 from frugal_qat.checkpoint.state import (
     Manifest,
@@ -115,10 +115,11 @@ def _assign_frozen(module: nn.Module, state: dict[str, torch.Tensor], what: str)
 
 
 def fresh_rotary(model: nn.Module, src: ModelSource, device: torch.device) -> None:
-    """Give the model a rotary module computed anew in fp32. Its ``inv_freq`` is a buffer: built on meta it has no
-    values, and DeepSpeed's bf16 mode casts every floating buffer to bf16, which moves the RoPE angles at position
-    4000 by radians. Called after building the model and again after ``deepspeed.initialize``."""
-    model.model.rotary_emb = src.rotary().to(device)
+    """Give the model a rotary module computed anew in fp32 (and Gemma's ``embed_scale``). Its ``inv_freq`` is a
+    buffer: built on meta it has no values, and DeepSpeed's bf16 mode casts every floating buffer to bf16, which
+    moves the RoPE angles at position 4000 by radians. Called after building the model and again after
+    ``deepspeed.initialize``."""
+    src.fill_buffers(model, device)
 
 
 def build_packed_model(run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelSource]:
@@ -171,8 +172,9 @@ def alpaca_examples(tokenizer, path: str, source_len: int, target_len: int, n: i
 # ---- loss ---------------------------------------------------------------------------------------------------------
 
 
-def _ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy((h @ weight.T).float(), y, ignore_index=-100, reduction="sum")
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+    logits = softcap((h @ weight.T).float(), cap)  # cap: Gemma 2's final logit soft-capping
+    return torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
 
 
 def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -183,9 +185,11 @@ def chunked_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
     hidden = model.model(input_ids=input_ids).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
+    cap = logit_softcap(model.config)
     total = hidden.new_zeros((), dtype=torch.float32)
     for a in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, h[a : a + chunk], model.lm_head.weight, y[a : a + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, h[a : a + chunk], model.lm_head.weight, y[a : a + chunk], cap,
+                                   use_reentrant=False)
     return total, (y != -100).sum()
 
 

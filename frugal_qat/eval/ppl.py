@@ -82,7 +82,7 @@ def perplexity(
             h = norm(stream.read(s, s + 1)[0].to(device))
             labels = windows[s, 1:].to(device)
             for a in range(0, seqlen - 1, token_chunk):
-                logits = h[a : min(a + token_chunk, seqlen - 1)] @ head.T
+                logits = src.logits(h[a : min(a + token_chunk, seqlen - 1)], head)
                 nll += torch.nn.functional.cross_entropy(logits, labels[a : a + logits.shape[0]], reduction="sum").item()
                 count += logits.shape[0]
         stream.close()

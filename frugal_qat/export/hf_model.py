@@ -33,7 +33,7 @@ def load_quantized_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     carries the checkpoint's ``generation_config.json`` when there is one.
 
     Raises:
-        UnsupportedModel: an architecture outside Llama/Mistral/Qwen2, or a tensor the model class does not expect.
+        UnsupportedModel: an architecture frugal_qat.arch does not support, or a tensor the model class does not expect.
         CorruptCheckpoint: missing or damaged files.
     """
     src = ModelSource(model_dir)
@@ -54,8 +54,8 @@ def load_quantized_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         # ModelSource then serves the embeddings, which is what the model computed.
         _assign(model, {LM_HEAD_KEY: src.lm_head_weight().to(dtype)}, "lm_head")
 
-    # Non-persistent buffers (rotary inv_freq) were created on meta; rebuild the rotary module on the CPU.
-    model.model.rotary_emb = src.rotary()
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) were created on meta; compute them on the CPU.
+    src.fill_buffers(model)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise UnsupportedModel(f"{model_dir}: tensors {leftover[:4]} were not filled from the checkpoint")

@@ -20,9 +20,12 @@ from frugal_qat.arch import (
     LinearShape,
     arch_for,
     build_block,
+    fill_buffers,
     hf_config,
     linear_shapes,
+    logit_softcap,
     rotary,
+    softcap,
 )
 from frugal_qat.checkpoint.run_dir import read_quant_config
 from frugal_qat.offload.weights import WeightStore
@@ -67,6 +70,11 @@ class ModelSource:
     def rotary(self) -> nn.Module:
         return rotary(self.hf, self.arch)
 
+    def fill_buffers(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Give this model's causal LM, built on the meta device, the buffers no checkpoint holds (rotary
+        ``inv_freq``, Gemma's ``embed_scale``), computed in fp32 on ``device``."""
+        fill_buffers(model, self.hf, self.arch, device)
+
     def runner(self, device: torch.device | str = "cpu") -> BlockRunner:
         """What runs block i on hidden states: ``src.runner(device)(block, i, x)``."""
         return BlockRunner(self.hf, self.arch, device)
@@ -78,10 +86,16 @@ class ModelSource:
         return self.store.get(EMBED_KEY)
 
     def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Block 0's input for token ids ``[b, L]``: ``[b, L, H]`` in the embedding table's dtype. ``weight``: the
-        table, when the caller already holds it (it is read from the shards otherwise)."""
+        """Block 0's input for token ids ``[b, L]``: ``[b, L, H]``. ``weight``: the table, when the caller already
+        holds it (it is read from the shards otherwise).
+
+        The rows as stored (the table's dtype), or for a scaled embedding (Gemma) ``row * sqrt(H)`` computed in fp32,
+        as the model computes it when loaded in fp32 (in bf16, transformers rounds the scale to bf16 first)."""
         weight = self.embed_weight() if weight is None else weight
-        return weight[ids.long()]
+        rows = weight[ids.long()]
+        if not self.arch.scaled_embedding:
+            return rows
+        return rows.float() * torch.tensor(float(self.hidden) ** 0.5)
 
     def final_norm(self) -> nn.Module:
         norm = self.arch.norm_cls(self.hidden, eps=self.hf.rms_norm_eps)
@@ -90,3 +104,8 @@ class ModelSource:
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.store.get(EMBED_KEY if self.tied else LM_HEAD_KEY)
+
+    def logits(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """The model's logits for final-normed hidden states ``h [..., H]``: ``h @ head.T``, soft-capped where the
+        family caps them (Gemma 2: ``30 * tanh(logits / 30)``)."""
+        return softcap(h @ head.T, logit_softcap(self.hf))

@@ -36,7 +36,7 @@ from frugal_qat.errors import ConfigError, UnsupportedModel
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 PHASES = ("block_ap", "e2e_qp", "ppl_eval")
 PHASE_TITLES = {"block_ap": "Block-AP (per block)", "e2e_qp": "E2E-QP", "ppl_eval": "perplexity evaluation"}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the families frugal_qat.arch builds
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")  # frugal_qat.arch.ARCHS
 
 # prefetch(depth=k) keeps k+1 loads ahead of the item in use (offload/prefetch.py).
 BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)

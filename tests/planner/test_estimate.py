@@ -50,6 +50,7 @@ def test_llama2_70b_block_params_are_exact():
 KNOWN_SIZES = {
     "llama-2-7b": 6.738, "llama-2-13b": 13.016, "llama-2-70b": 68.977, "llama-3-8b": 8.030,
     "llama-3-70b": 70.554, "mistral-large-instruct-2407": 122.61, "qwen2.5-72b": 72.706, "smollm2-135m": 0.1345,
+    "qwen3-32b": 32.762, "gemma-3-27b": 27.009,  # Gemma 3 27B: its language model (the vision tower is not planned)
 }
 
 
