@@ -127,9 +127,13 @@ def test_export_reloads_in_transformers_with_our_perplexity(pipeline, fmt):
     report = pipeline["exports"][fmt]
     if fmt != "fp16":
         assert report["weights"]["max_abs_weight_diff"] == 0.0
-    logits = report["logits"]
+    ran = [r for r in report["loaders"] if r["status"] != "skipped"]
     if fmt == "gptq" and not HAS_GPTQ_STACK:
-        assert "not installed" in logits["skipped"]
+        assert not ran, "no GPTQ loader can run without gptqmodel"
         return
-    assert logits["loader"].startswith("transformers")
-    assert logits["ppl_export"] == pytest.approx(pipeline["ppl"]["ppl"], rel=5e-3)
+    # The verification reloads the export the ways users will (docs/EXPORT.md); the transformers loads that
+    # the report recommends reproduce frugal-qat's own streamed perplexity within 0.5 %.
+    ok = [r for r in ran if r["status"] == "ok" and r["loader"].startswith("transformers")]
+    assert ok, [(r["loader"], r["status"]) for r in ran]
+    for r in ok:
+        assert r["ppl"] == pytest.approx(pipeline["ppl"]["ppl"], rel=5e-3), r["loader"]
