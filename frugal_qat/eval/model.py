@@ -65,7 +65,7 @@ class EvalNeed:
 
     @property
     def model_bytes(self) -> int:
-        """The model's own tensors (the first one or two device terms), for messages."""
+        """The model's own tensors (the device terms named "model: ..."), for messages."""
         return sum(t.bytes for t in self.device_terms if t.name.startswith("model:"))
 
 
@@ -88,7 +88,7 @@ def eval_memory_need(config: dict[str, Any], quant: dict[str, Any] | None, devic
 
     shape = model_shape(config)
     prec = resolve_precision(device_type)
-    settings = PlanSettings(wbits=quant["bits"] if quant else 4, group_size=quant["group_size"] if quant else -1)
+    settings = PlanSettings(wbits=4, group_size=-1)  # only its measured constants are read: baseline, CUDA reserve
     V, n, T = shape.vocab, shape.layers, batch_size * max_length
     c, e = prec.nograd_bytes, dtype_bytes(prec.e2e_dtype) if quant else 4
     per_block_other = (shape.total_params - shape.extra_params) // n - shape.block_linear_params  # norms, biases
@@ -123,7 +123,8 @@ def eval_memory_need(config: dict[str, Any], quant: dict[str, Any] | None, devic
     ]
     if device_type == "cuda":
         device.append(Term("CUDA context + workspace", settings.cuda_reserve, "not seen by max_memory_allocated"))
-    host = [Term("Python + torch baseline", settings.host_baseline, "RSS of a run that is not tensors (planner)"), build]
+    host = [Term("Python + torch baseline", settings.host_baseline, "RSS of a run that is not tensors (planner)"),
+            build]
     if device_type == "cuda" and not quant:
         host.append(Term("dense fp32 model, built in RAM before it moves", 4 * shape.total_params, "4*all parameters"))
     return EvalNeed(device_type, bool(quant), tuple(device), tuple(host))
