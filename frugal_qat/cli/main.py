@@ -360,7 +360,8 @@ def cmd_lm_eval(args) -> int:
     from frugal_qat.eval.lm_eval import run_lm_eval
 
     res = run_lm_eval(Path(args.model), args.tasks.split(","), limit=args.limit, include_path=args.include_path,
-                      batch_size=args.batch_size, device=str(pick_device(args.device)), num_fewshot=args.num_fewshot)
+                      batch_size=args.batch_size, device=pick_device(args.device), num_fewshot=args.num_fewshot,
+                      max_length=args.max_length)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(json.dumps(res, indent=2, default=str))
@@ -502,13 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip decoding, reloading and comparing the export")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("lm-eval", help="zero-shot accuracy with lm-eval on a run or checkpoint")
+    p = sub.add_parser("lm-eval", help="zero-shot accuracy with lm-eval on a run (weights packed on the device) or "
+                                         "checkpoint; refused before loading when it does not fit")
     p.add_argument("--model", required=True)
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
     p.add_argument("--limit", type=int)
     p.add_argument("--include-path", help="directory of local lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int,
+                   help="longest sequence fed to the model, longer contexts cut from the left (default: the model's "
+                        "context, at most 2048); the memory check sizes the forward for batch-size of them")
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     p.set_defaults(fn=cmd_lm_eval)
