@@ -13,7 +13,8 @@ Two policies, by the kind of device the run computes on::
       lm_head, biases)                                             checkpointed block inputs follow)
     E2E-QP packed matmul inputs        fp32                        bf16 (autocast)
     E2E-QP scale masters + grads       fp32                        fp32
-    perplexity / lm-eval forward       fp32                        bf16 autocast over an fp32 residual
+    perplexity forward                 fp32                        bf16 autocast over an fp32 residual
+    lm-eval on a run                   fp32                        the E2E-QP model's (bf16, bf16 autocast)
     activation streams on disk         fp16, or bf16 for models whose activations overflow fp16 (both)
 
 Why fp32 on CPU: the CPUs we run on have no AVX512-BF16/AMX, and their bf16/fp16 matmuls are 8-500x slower
@@ -60,7 +61,7 @@ class Precision:
 
     name: str  # "cpu" or "cuda": the policy, not necessarily the device it runs on
     train_autocast: torch.dtype | None  # Block-AP training forward and backward
-    nograd_autocast: torch.dtype | None  # stream updates, validation, perplexity, lm-eval
+    nograd_autocast: torch.dtype | None  # stream updates, validation, perplexity, lm-eval's compute
     e2e_dtype: torch.dtype  # E2E-QP embeddings, norms, lm_head, biases; hence its residual stream
     e2e_autocast: torch.dtype | None  # E2E-QP forward and backward (the packed matmuls' input dtype)
     stream_dtype: torch.dtype  # the activation streams on disk

@@ -560,7 +560,7 @@ OOM_FIXES = {
               "split needs the same command with --grad-accum",
     "e2e-qp": "--grad-accum 2x with --batch-size halved (same results), --logits-chunk 256",
     "ppl": "--batch-size 1",
-    "lm-eval": "--batch-size 1",
+    "lm-eval": "--batch-size 1, then --max-length 1024",
     "demo": "--device cpu",
 }
 
