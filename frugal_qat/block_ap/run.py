@@ -359,8 +359,11 @@ def run_block_ap(
 
     def update(stream: ActivationStream, name: str, fn) -> None:
         """The shifted in-place update of one stream (this rank's rows); the new base is recorded at the commit."""
-        geometry = stream.update(fn, progress=progress, tag=f"block{i}-{name}", rows=rows, journal=journal,
-                                 before_writes=barrier, clock=wait)
+        mine = (rows[1] - rows[0]) if rows is not None else n_all
+        with tqdm(total=mine, desc=f"block {i} {name} stream", unit="sample", leave=False,
+                  disable=not show_progress or rank != 0) as bar:
+            geometry = stream.update(fn, progress=progress, tag=f"block{i}-{name}", rows=rows, journal=journal,
+                                     before_writes=barrier, clock=wait, on_chunk=bar.update)
         m.extra["streams"][name] = geometry.base
 
     if m.progress.stage == "embed":
