@@ -8,7 +8,8 @@ Two policies, by the kind of device the run computes on::
                                      cpu (fp32 compute)          cuda (16-bit compute)
     Block-AP training forward/backward fp32                        bf16 autocast, fp32 masters
     Block-AP masters + AdamW state     fp32                        fp32
-    stream updates + validation        fp32                        see ``nograd`` below
+    quant stream update + validation   fp32                        bf16 autocast over the fp32 residual
+    fp (teacher) stream update         fp32                        fp16 autocast (fp16 streams), TF32 (bf16 streams)
     E2E-QP model (embeddings, norms,   fp32                        bf16 (the residual stream and the
       lm_head, biases)                                             checkpointed block inputs follow)
     E2E-QP packed matmul inputs        fp32                        bf16 (autocast)
@@ -21,11 +22,19 @@ Why fp32 on CPU: the CPUs we run on have no AVX512-BF16/AMX, and their bf16/fp16
 than fp32 (shared/docs/environment.md §7). Why bf16 rather than the paper's fp16 with loss scaling on CUDA: the
 same tensor-core speed, no loss scale to tune, and no overflow in models such as Gemma.
 
-``nograd`` (the stream updates, whose outputs are the teacher targets and the student's next inputs, and the
-validation): on CUDA these run under bf16 autocast over the fp32 residual stream. Measured on SmolLM2-135M's blocks
-against an fp32 forward (``tools/bench_precision.py``, docs/METHOD.md), the error bf16 adds to the targets is
-far below the error the student's quantization leaves, so TF32 (half bf16's tensor-core rate) would buy nothing
-the training can see.
+``nograd`` and ``teacher`` (the no-grad forwards of Block-AP) on CUDA. The quant stream update and the validation
+run under bf16 autocast over the fp32 residual stream, like the Block-AP training forward they feed and measure.
+The fp teacher stream update, whose outputs are the next block's training targets, runs under fp16 autocast where
+the streams are stored in fp16, and in TF32 (fp32 inputs; cuBLAS rounds them to 10 mantissa bits) where the
+architecture needs bf16 streams, since fp16 would overflow there. Measured on SmolLM2-135M's 30 blocks against an
+fp32 forward (``tools/bench_precision.py``, docs/PRECISION.md; the rule was fixed before measuring): bf16 adds at
+most 0.47 % of the MSE a trained w4g64 student leaves on a block, which neither training nor validation can see.
+But on half the blocks it adds 12-484x the rounding the fp16 stream storage already adds to the targets, and its
+drift over a whole teacher stream reaches 1.1 % of the student's MSE. fp16 autocast adds at most 5.3x the storage
+rounding (drift 0.06 %), and TF32 at most 2.8x (drift 0.03 %, no more than the CPU policy's own 0.04 %). fp16 runs
+at bf16's tensor-core rate. TF32 runs at half of it (A100 156 vs 312 TFLOP/s, H100 SXM 495 vs 989), about +13 % of a
+Block-AP run's compute where it is used. TF32 must round its inputs, as cuBLAS does: a kernel that truncates them
+adds up to 27x the storage rounding.
 
 The CUDA policy can be forced on a CPU (``offload.precision: cuda``, ``--precision cuda``): the same dtypes,
 computed slowly by the CPU. Tests use it to check, with spies, that the layers really receive 16-bit inputs.
@@ -61,7 +70,9 @@ class Precision:
 
     name: str  # "cpu" or "cuda": the policy, not necessarily the device it runs on
     train_autocast: torch.dtype | None  # Block-AP training forward and backward
-    nograd_autocast: torch.dtype | None  # stream updates, validation, perplexity, lm-eval's compute
+    nograd_autocast: torch.dtype | None  # quant stream update, validation, perplexity, lm-eval's compute
+    teacher_autocast: torch.dtype | None  # fp (teacher) stream update; None + teacher_tf32: fp32 in TF32
+    teacher_tf32: bool
     e2e_dtype: torch.dtype  # E2E-QP embeddings, norms, lm_head, biases; hence its residual stream
     e2e_autocast: torch.dtype | None  # E2E-QP forward and backward (the packed matmuls' input dtype)
     stream_dtype: torch.dtype  # the activation streams on disk
@@ -90,8 +101,16 @@ class Precision:
         return _autocast(device, self.train_autocast)
 
     def nograd(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Context of a forward without gradient: stream updates, validation, evaluation."""
+        """Context of a forward without gradient: the quant stream update, validation, evaluation."""
         return _autocast(device, self.nograd_autocast)
+
+    def teacher(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Context of the fp (teacher) stream update, whose outputs are the training targets."""
+        return _tf32() if self.teacher_tf32 else _autocast(device, self.teacher_autocast)
+
+    @property
+    def teacher_bytes(self) -> int:
+        return dtype_bytes(self.teacher_autocast)
 
     def e2e(self, device: torch.device) -> contextlib.AbstractContextManager:
         return _autocast(device, self.e2e_autocast)
@@ -102,6 +121,7 @@ class Precision:
             "policy": self.name,
             "block_ap_train": dtype_name(self.train_autocast),
             "block_ap_nograd": dtype_name(self.nograd_autocast),
+            "block_ap_teacher": "tf32" if self.teacher_tf32 else dtype_name(self.teacher_autocast),
             "e2e_qp_compute": dtype_name(self.e2e_autocast),
             "e2e_qp_model": dtype_name(self.e2e_dtype),
             "stream": dtype_name(self.stream_dtype),
@@ -113,6 +133,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores (cuBLAS rounds the inputs to 10 mantissa bits) for the block inside only:
+    the setting is process-wide, so it is restored on the way out."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def resolve(device: torch.device | str, policy: str = "auto", stream_dtype: str = "auto",
@@ -137,11 +169,12 @@ def resolve(device: torch.device | str, policy: str = "auto", stream_dtype: str 
     kind = torch.device(device).type if policy == "auto" else policy
     stream = STREAM_DTYPES[stream_dtype] or (torch.bfloat16 if needs_bf16_streams else torch.float16)
     if kind == "cuda":
-        bf16 = torch.bfloat16
-        return Precision("cuda", train_autocast=bf16, nograd_autocast=bf16, e2e_dtype=bf16, e2e_autocast=bf16,
-                         stream_dtype=stream)
-    return Precision("cpu", train_autocast=None, nograd_autocast=None, e2e_dtype=torch.float32, e2e_autocast=None,
-                     stream_dtype=stream)
+        bf16, fp16_streams = torch.bfloat16, stream == torch.float16
+        return Precision("cuda", train_autocast=bf16, nograd_autocast=bf16,
+                         teacher_autocast=torch.float16 if fp16_streams else None, teacher_tf32=not fp16_streams,
+                         e2e_dtype=bf16, e2e_autocast=bf16, stream_dtype=stream)
+    return Precision("cpu", train_autocast=None, nograd_autocast=None, teacher_autocast=None, teacher_tf32=False,
+                     e2e_dtype=torch.float32, e2e_autocast=None, stream_dtype=stream)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,15 @@ def test_policies():
     assert resolve("cpu", policy="cuda") == cuda  # forced: the GPU's dtypes on a CPU
     assert resolve("cuda:1").name == "cuda"
     assert resolve("cpu", needs_bf16_streams=True).stream_dtype == torch.bfloat16
+    # The teacher stream: fp16 where the streams are fp16, TF32 where they must be bf16 (docs/PRECISION.md)
+    assert cuda.teacher_autocast == torch.float16 and not cuda.teacher_tf32
+    bf16_streams = resolve("cuda", needs_bf16_streams=True)
+    assert bf16_streams.teacher_autocast is None and bf16_streams.teacher_tf32
+    assert bf16_streams.to_json()["block_ap_teacher"] == "tf32" and cuda.to_json()["block_ap_teacher"] == "float16"
+    before = torch.get_float32_matmul_precision()
+    with bf16_streams.teacher("cuda"):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before, "TF32 is switched on for the teacher update only"
     assert resolve("cpu", stream_dtype="float16", needs_bf16_streams=True).stream_dtype == torch.float16
     assert cuda.to_json()["e2e_qp_model"] == "bfloat16" and cpu.to_json()["block_ap_train"] == "float32"
     with pytest.raises(ValueError, match="choose one of auto, cpu, cuda"):
@@ -64,6 +73,11 @@ def test_block_ap_step_and_stream_update_compute_in_the_policy_dtype(tiny_llama,
     with spy, torch.no_grad(), precision.nograd("cpu"):
         y = runner(block, 0, x)
     assert spy.seen["mm"] == {expected} and y.dtype == torch.float32  # the residual stream stays fp32
+    spy = MatmulDtypes()
+    with spy, torch.no_grad(), precision.teacher("cpu"):
+        y = runner(block, 0, x)
+    teacher = torch.float16 if policy == "cuda" else torch.float32
+    assert spy.seen["mm"] == {teacher} and y.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")

@@ -401,8 +401,9 @@ def run_block_ap(
         del state  # the prefetcher already reads block i+1; drop our copy of block i's raw tensors
 
         def run(mod, xs: torch.Tensor, what: str) -> torch.Tensor:
-            """A stream chunk through block i (no grad, the policy's no-grad dtype), checked before it is stored."""
-            with torch.no_grad(), precision.nograd(device):
+            """A stream chunk through block i (no grad; the policy's teacher dtype for the fp stream, its no-grad
+            dtype for the quant stream), checked before it is stored."""
+            with torch.no_grad(), (precision.teacher(device) if what == "fp" else precision.nograd(device)):
                 ys = torch.cat([runner(mod, i, to_device(xb)).to("cpu", stream_dtype)
                                 for xb in xs.split(b.micro_batch)])
             check_finite(ys, i, what, precision)
