@@ -587,4 +587,41 @@ def _version(package: str) -> str:
     return importlib.metadata.version(package)
 
 
-__all__ = ["GGUF_FILE", "export_gguf", "verify_gguf", "write_gguf"]
+# ---------------------------------------------------------------------------------------------------------------
+# A run in a GGUF grid without training (phase 1 stand-in for ``block-ap --gguf TYPE --epochs 0``)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def grid_init_run(model_dir: str | Path, run_dir: str | Path, gguf_type: str) -> Path:
+    """A finished run directory with every linear at ``kquant.init_grid`` (no training), in the layout docs/GGUF.md
+    proposes for runs trained in a GGUF grid: ``<linear>.ggml`` uint8 [out, row bytes] per linear, fp16 norms and
+    biases, ``quantization_config`` with ``gguf`` and ``gguf_types``. Used by the tests and tools/bench_gguf.py
+    until Block-AP writes such runs itself (it will write exactly this)."""
+    from torch import nn
+
+    from frugal_qat.checkpoint.run_dir import extra_tensors, save_block, write_model_files
+
+    src, run = ModelSource(model_dir), Path(run_dir)
+    types: dict[str, str] = {}
+    for i in range(src.n_layers):
+        block = src.block(i)
+        tensors = {}
+        for name, mod in list(block.named_modules()):
+            if isinstance(mod, nn.Linear):
+                layer = kquant.GGUFQuantLinear.from_linear(mod, gguf_type, name=f"layers.{i}.{name}").freeze_()
+                types[name] = layer.gguf_type
+                tensors.update({f"{name}.{k}": v for k, v in layer.pack().items()})
+        for key, p in block.named_parameters():
+            if key.rsplit(".", 1)[0] not in types:
+                tensors[key] = p.detach().half()
+        save_block(run, i, tensors)
+    extra = extra_tensors(src.store.get, src.store.has, src.tied)
+    write_model_files(run, src.dir, src.config, extra, src.n_layers, NOMINAL_BITS[gguf_type],
+                      kquant.TYPES[gguf_type].sub, src.arch.linears)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["quantization_config"].update({"gguf": gguf_type, "gguf_types": types, "pack_layout": "ggml"})
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    return run
+
+
+__all__ = ["GGUF_FILE", "export_gguf", "grid_init_run", "verify_gguf", "write_gguf"]

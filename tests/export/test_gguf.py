@@ -3,20 +3,18 @@ trained in a GGUF grid (bytes copied); transformers' GGUF loader gives frugal-qa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from frugal_qat.arch import block_prefix
-from frugal_qat.checkpoint.run_dir import extra_tensors, save_block, write_model_files
 from frugal_qat.errors import ConfigError
 from frugal_qat.export.gguf import (
     GGUF_FILE,
     check_gguf_weights,
     export_gguf,
+    grid_init_run,
     permute_rows,
     unpermute_rows,
     verify_gguf,
@@ -39,36 +37,8 @@ def _widths(gguf_type: str) -> dict:
 
 
 def make_grid_run(root: Path, gguf_type: str, **model_kwargs) -> Path:
-    """A finished run "trained" in a GGUF grid (grid initialisation, no steps), stored as docs/GGUF.md proposes:
-    ``<linear>.ggml`` uint8 [out, row bytes] per linear, fp16 norms and biases, and ``quantization_config`` with
-    ``gguf`` and ``gguf_types``. (Phase 2's Block-AP writes exactly this.)"""
-    model = save_tiny_model(root / "model", **model_kwargs)
-    src = ModelSource(model)
-    run = root / "run"
-    types = {}
-    for i in range(src.n_layers):
-        block = src.block(i)
-        tensors = {}
-        for name, mod in list(block.named_modules()):
-            if isinstance(mod, nn.Linear):
-                layer = kquant.GGUFQuantLinear.from_linear(mod, gguf_type, name=f"layers.{i}.{name}").freeze_()
-                types[name] = layer.gguf_type
-                tensors.update({f"{name}.{k}": v for k, v in layer.pack().items()})
-        for key, p in block.named_parameters():
-            if key.rsplit(".", 1)[0] not in types:
-                tensors[key] = p.detach().half()
-        save_block(run, i, tensors)
-    t = kquant.TYPES[gguf_type]
-    extra = extra_tensors(src.store.get, src.store.has, src.tied)
-    write_model_files(run, src.dir, src.config, extra, src.n_layers, kquant_bits(gguf_type), t.sub, src.arch.linears)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["quantization_config"].update({"gguf": gguf_type, "gguf_types": types, "pack_layout": "ggml"})
-    (run / "config.json").write_text(json.dumps(cfg))
-    return run
-
-
-def kquant_bits(name: str) -> int:
-    return {"q4_k": 4, "q3_k": 3, "q2_k": 2, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q8_0": 8}[name]
+    """A finished run in a GGUF grid (grid initialisation, no steps) of a tiny model, in the proposed layout."""
+    return grid_init_run(save_tiny_model(root / "model", **model_kwargs), root / "run", gguf_type)
 
 
 def _gguf_tensors(path: Path) -> dict:

@@ -174,7 +174,7 @@ def test_ste_gradients_follow_the_rule(name):
     go = g_out.double().reshape(4, -1, t.sub)
     assert 0 < int(inside.sum()) < inside.numel()  # both cases occur
     assert torch.equal(w.grad, (go * inside).reshape(w.shape).float())  # 1 inside, 0 where clipped
-    assert torch.allclose(a.grad.double(), (go * torch.where(inside, c - x, c)).sum(-1), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a.grad.double(), (go * torch.where(inside, c - x, c)).sum(-1), rtol=1e-4, atol=1e-4)
     if b is not None:
         assert torch.allclose(b.grad.double(), -(go * ~inside).sum(-1), atol=1e-6)
 
