@@ -257,13 +257,35 @@ def file_stats(gguf_path: Path) -> dict:
             "file_mb": round(gguf_path.stat().st_size / 1e6, 2)}
 
 
+def weight_error(gguf_path: Path, f16_path: Path) -> dict:
+    """Relative RMS error of the quantized linears against the fp16 file (both in llama.cpp's row order), over all
+    linears and split by the tensors stored in a k-quant and those stored in a fallback type."""
+    import gguf
+    import numpy as np
+
+    ref = {t.name: t for t in gguf.GGUFReader(str(f16_path)).tensors}
+    sums = {"all": [0.0, 0.0], "k-quant": [0.0, 0.0], "fallback": [0.0, 0.0]}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        if not (t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name):
+            continue
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        w0 = gguf.quants.dequantize(ref[t.name].data, ref[t.name].tensor_type).astype(np.float64)
+        err, sig = float(((w - w0) ** 2).sum()), float((w0**2).sum())
+        part = "k-quant" if t.tensor_type.name in ("Q2_K", "Q3_K", "Q4_K") else "fallback"
+        for key in ("all", part):
+            sums[key][0] += err
+            sums[key][1] += sig
+    return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
+
+
 def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "") -> dict:
     out = root / row / "result.json"
     if out.is_file():
         return json.loads(out.read_text())
     if gguf_path is None:
         return {"row": row, "skipped": note}
-    res = {"row": row, "note": note, **file_stats(gguf_path), **llama_ppl(bins, gguf_path, root),
+    res = {"row": row, "note": note, **file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf"),
+           **llama_ppl(bins, gguf_path, root),
            "ppl_transformers": transformers_ppl(gguf_path, root), "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
@@ -298,14 +320,16 @@ def table(root: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))]
     order = {"fp16": 0}
     rows.sort(key=lambda r: (order.get(r["row"], 1), r["row"].split("_")[1] if "_" in r["row"] else "", r["row"]))
-    print("| row | linears (types) | bits/w linears | file MB | ppl llama.cpp | ppl transformers |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| row | linears (types) | bits/w linears | weight err k-quant / fallback | file MB | ppl llama.cpp | "
+          "ppl transformers |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['row']} | skipped: {r['skipped']} | | | | |")
+            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
             continue
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
-        print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {r['file_mb']} | "
+        err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
+        print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
               f"{r['ppl_llama_cpp']:.3f} ± {r['ppl_llama_cpp_err']:.3f} | {r['ppl_transformers']:.3f} |")
 
 
