@@ -38,10 +38,12 @@ Training in the grid (Block-AP and E2E-QP): the trainable continuous parameters 
     scale        [out, ns]   s: k-quants: k = clamp(round(s / unit), kmin, kmax) with the fixed buffer
                              ``scale_unit`` [out, nb] (d at initialisation); legacy types: d = fp16(s)
     super_min    [out, nb]   Dm: dmin = fp16(Dm / Lm)                       (q4_k, q2_k)
-    min          [out, ns]   b: m = clamp(round(b / min_unit), 0, Lm) (q4_k, q2_k); q4_1: B = fp16(b)
+    zero         [out, ns]   z, in code units: B = A z rounded to its grid: m = clamp(round(A z / min_unit), 0,
+                             Lm) (q4_k, q2_k, ``min_unit`` the initial dmin); q4_1: B = fp16(A z)
 
-so ``A = d * k`` moves when ``D`` moves (``d`` is a per-super-block gain, whose gradient is ``sum_j k_j dL/dA_j``)
-and ``k`` moves one integer level when ``s`` crosses a rounding boundary. ``s`` and ``D`` are in weight units, the
+so ``A = d * k`` moves when ``D`` moves (``d`` is a per-super-block gain, whose gradient is ``sum_j k_j dL/dA_j``),
+``k`` moves one integer level when ``s`` crosses a rounding boundary, and the min follows the scale (``B = A z``: the
+grid scales about ``W = 0``, as ``QuantLinear``'s ``(q - z) s``). ``s`` and ``D`` are in weight units, the
 units of ``QuantLinear.scale``, so one quantizer learning rate suits both (Adam's step is about ``lr`` in parameter
 units: an integer-unit ``k`` would need a learning rate a hundred times larger). Every rounding is
 straight-through; a clamped integer has zero gradient, and :func:`project_params_` puts the parameters back into
@@ -278,26 +280,37 @@ def param_shapes(t: GGMLType, out_features: int, in_features: int) -> dict[str, 
     """Names and shapes of the trainable parameters (``scale_unit``/``min_unit`` are buffers) of a layer."""
     nb, ns = in_features // t.block, in_features // t.sub
     if not t.two_level:
-        return {"scale": (out_features, ns), **({"min": (out_features, ns)} if t.has_min else {})}
+        return {"scale": (out_features, ns), **({"zero": (out_features, ns)} if t.has_min else {})}
     shapes = {"super_scale": (out_features, nb), "scale": (out_features, ns), "scale_unit": (out_features, nb)}
     if t.has_min:
-        shapes.update({"super_min": (out_features, nb), "min": (out_features, ns), "min_unit": (out_features, nb)})
+        shapes.update({"super_min": (out_features, nb), "zero": (out_features, ns), "min_unit": (out_features, nb)})
     return shapes
 
 
 BUFFERS = ("scale_unit", "min_unit")
 
 
+def _anchor(t: GGMLType, a: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the zero point multiplies: ``A``, or where ``A = 0`` the fixed unit d (k-quants) or 1 (q4_1), so that a
+    sub-block with ``A = 0`` and ``B != 0`` still has a min."""
+    if t.two_level:
+        fallback = p["scale_unit"].repeat_interleave(t.block // t.sub, 1)
+    else:
+        fallback = torch.ones_like(a)
+    return torch.where(a != 0, a, fallback)
+
+
 def params_from_grid(t: GGMLType, grid: Grid) -> dict[str, torch.Tensor]:
     """Float32 parameters whose forward (:func:`scales_from_params`) reproduces ``grid`` exactly.
 
     ``D = L * d`` (exact: 11 x 6 significant bits), unit = d (or 2^-24 where d = 0, so it stays a divisor),
-    ``s = unit * k`` (exact, and ``s / unit`` gives ``k`` back exactly).
+    ``s = unit * k`` (exact, and ``s / unit`` gives ``k`` back exactly); ``z = B / anchor``, whose product with the
+    anchor is B within an ulp, which rounds back to B's level.
     """
     if not t.two_level:
         out = {"scale": grid.d.float().clone()}
         if t.has_min:
-            out["min"] = grid.dmin.float().clone()
+            out["zero"] = grid.dmin.float() / _anchor(t, grid.d.float().half().float(), out)
         return out
     per = t.block // t.sub
     unit = torch.where(grid.d > 0, grid.d.float(), torch.full_like(grid.d.float(), _F16_TINY))
@@ -305,21 +318,27 @@ def params_from_grid(t: GGMLType, grid: Grid) -> dict[str, torch.Tensor]:
            "scale": unit.repeat_interleave(per, 1) * grid.k.float()}
     if t.has_min:
         unit_m = torch.where(grid.dmin > 0, grid.dmin.float(), torch.full_like(grid.dmin.float(), _F16_TINY))
-        out.update({"super_min": grid.dmin.float() * t.mmax, "min_unit": unit_m,
-                    "min": unit_m.repeat_interleave(per, 1) * grid.m.float()})
+        a, b = grid_scales(t, grid)
+        out.update({"super_min": grid.dmin.float() * t.mmax, "min_unit": unit_m, "zero": b / _anchor(t, a, out)})
     return out
 
 
 def scales_from_params(t: GGMLType, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(A, B)`` [out, ns] from the trainable parameters, differentiable (straight-through roundings).
 
-    Legacy: ``A = fp16(s)``, q4_1 ``B = fp16(b)``. k-quants: ``d = fp16(D / L)``, ``k = clamp(round(s / unit))``,
-    ``A = d * k`` (per sub-block, d repeated over its super-block); ``B = dmin * m`` likewise. Gradients:
-    ``dA/ds = 1`` for legacy types; for k-quants ``dA/ds = d / unit`` (1 at initialisation) where k is not
-    clamped, 0 where it is, and ``dA/dD = k / L``. The forward value equals ``grid_scales(grid_from_params(p))``.
+    Scale: legacy ``A = fp16(s)``; k-quants ``d = fp16(D / L)``, ``k = clamp(round(s / unit), kmin, kmax)``,
+    ``A = d * k`` (d repeated over its super-block). Min, anchored at the zero point as ``QuantLinear``'s
+    ``(q - z) s``: ``B = A z`` rounded to its grid: q4_1 ``B = fp16(A z)``; k-quants ``dmin = fp16(Dm / Lm)``,
+    ``m = clamp(round(A z / unit_m), 0, Lm)``, ``B = dmin * m``. So a step on the scale scales the grid about
+    ``W = 0`` (``B`` follows ``A``), not about its lowest level: with ``B`` held fixed every level but the lowest
+    would move the same way, a systematic shift of the layer's output that the straight-through scale gradient
+    does not see (measured: loss rises along it). Gradients: ``dA/ds = 1`` (legacy) or ``d / unit`` where ``k`` is
+    not clamped (1 at initialisation), 0 where it is; ``dA/dD = k / L``; ``dB/dz = A``, ``dB/dA = z``,
+    ``dB/dDm = m / Lm``. The forward value equals ``grid_scales(grid_from_params(p))``.
     """
     if not t.two_level:
-        return fp16_ste(p["scale"]), (fp16_ste(p["min"]) if t.has_min else None)
+        a = fp16_ste(p["scale"])
+        return a, (fp16_ste(_anchor(t, a, p) * p["zero"]) if t.has_min else None)
     per = t.block // t.sub
     d = fp16_ste(p["super_scale"] / t.scale_levels).repeat_interleave(per, 1)
     k = torch.clamp(round_ste(p["scale"] / p["scale_unit"].repeat_interleave(per, 1)), t.kmin, t.kmax)
@@ -327,24 +346,25 @@ def scales_from_params(t: GGMLType, p: dict[str, torch.Tensor]) -> tuple[torch.T
     if not t.has_min:
         return a, None
     dmin = fp16_ste(p["super_min"] / t.mmax).repeat_interleave(per, 1)
-    m = torch.clamp(round_ste(p["min"] / p["min_unit"].repeat_interleave(per, 1)), 0, t.mmax)
+    m = torch.clamp(round_ste(_anchor(t, a, p) * p["zero"] / p["min_unit"].repeat_interleave(per, 1)), 0, t.mmax)
     return a, dmin * m
 
 
 @torch.no_grad()
 def grid_from_params(t: GGMLType, p: dict[str, torch.Tensor]) -> Grid:
     """The exact grid the forward of ``p`` uses (what packing stores)."""
+    p = {k: v.detach().float() for k, v in p.items()}
+    a, b = scales_from_params(t, p)
     if not t.two_level:
-        return Grid(d=p["scale"].float().half().float(),
-                    dmin=p["min"].float().half().float() if t.has_min else None)
+        return Grid(d=a, dmin=b)
     per = t.block // t.sub
-    d = (p["super_scale"].float() / t.scale_levels).half().float()
-    k = torch.clamp(torch.round(p["scale"].float() / p["scale_unit"].float().repeat_interleave(per, 1)),
-                    t.kmin, t.kmax)
+    d = (p["super_scale"] / t.scale_levels).half().float()
+    k = torch.clamp(torch.round(p["scale"] / p["scale_unit"].repeat_interleave(per, 1)), t.kmin, t.kmax)
     grid = Grid(d=d, k=k.to(torch.int16))
     if t.has_min:
-        grid.dmin = (p["super_min"].float() / t.mmax).half().float()
-        m = torch.clamp(torch.round(p["min"].float() / p["min_unit"].float().repeat_interleave(per, 1)), 0, t.mmax)
+        grid.dmin = (p["super_min"] / t.mmax).half().float()
+        m = torch.clamp(torch.round(_anchor(t, a, p) * p["zero"] / p["min_unit"].repeat_interleave(per, 1)),
+                        0, t.mmax)
         grid.m = m.to(torch.int16)
     return grid
 
@@ -353,9 +373,10 @@ def grid_from_params(t: GGMLType, p: dict[str, torch.Tensor]) -> Grid:
 def project_params_(t: GGMLType, p: dict[str, torch.Tensor]) -> None:
     """Put the parameters back into their ranges in place (call after each optimizer step).
 
-    k-quants: ``D >= L * 2^-24`` (so d stays a positive float16), ``s`` in ``[kmin, kmax] * unit``, and likewise
-    ``Dm`` and ``b`` in ``[0, Lm] * unit``. A parameter left outside would get zero gradient from the clamp and
-    never come back. Legacy types are left alone: their d may have either sign, as ggml's own quantizer makes it.
+    k-quants: ``D >= L * 2^-24`` (so d stays a positive float16), ``s`` in ``[kmin, kmax] * unit``, ``Dm`` likewise,
+    and the zero point in ``[0, Lm * unit_m / anchor]`` (so ``m`` in ``[0, Lm]``). A parameter left outside would
+    get zero gradient from the clamp and never come back. Legacy types are left alone: their d may have either
+    sign, as ggml's own quantizer makes it, and q4_1's min any value.
     """
     if not t.two_level:
         return
@@ -365,8 +386,9 @@ def project_params_(t: GGMLType, p: dict[str, torch.Tensor]) -> None:
     p["scale"].copy_(torch.minimum(torch.maximum(p["scale"], unit * t.kmin), unit * t.kmax))
     if t.has_min:
         p["super_min"].clamp_(min=t.mmax * _F16_TINY)
-        unit_m = p["min_unit"].repeat_interleave(per, 1)
-        p["min"].copy_(torch.minimum(torch.maximum(p["min"], torch.zeros_like(unit_m)), unit_m * t.mmax))
+        a, _ = scales_from_params(t, {k: v.float() for k, v in p.items()})
+        top = p["min_unit"].repeat_interleave(per, 1) * t.mmax / _anchor(t, a, p)
+        p["zero"].copy_(torch.minimum(p["zero"].clamp(min=0.0), top))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -805,7 +827,7 @@ class GGUFQuantLinear(nn.Module):
     The layer's type is ``layer_type(gguf_type, in_features)``: the type asked for, or its legacy fallback for a
     k-quant whose rows are not a multiple of 256 (``self.gguf_type`` says which). Parameters (float32, created in
     ``__init__``): ``weight``, ``bias`` and the quantizer's (``param_shapes``: ``super_scale``, ``scale``,
-    ``super_min``, ``min``), plus the buffers ``scale_unit``/``min_unit``. Forward:
+    ``super_min``, ``zero``), plus the buffers ``scale_unit``/``min_unit``. Forward:
     ``y = x @ fake_quant(W, scales_from_params(...)).T + bias``.
 
     Life cycle: ``from_linear`` (``init_grid``) -> train ``weight_parameters()`` and ``quant_parameters()``, calling
@@ -929,8 +951,9 @@ class GGUFQuantLinear(nn.Module):
 
 class GGUFPackedLinear(nn.Module):
     """E2E-QP's layer over ggml blocks: the codes stay frozen in the ``ggml`` buffer (uint8 [out, row bytes]),
-    and the grid's continuous parameters train (``super_scale``, ``scale`` and, q4_k/q2_k, ``super_min``, ``min``;
-    legacy types their ``scale``/``min``), rounded in every forward to the type's grid as in Block-AP. The trained
+    and the grid's scales train (``super_scale``, ``scale`` and, q4_k/q2_k, ``super_min``; legacy types ``scale``),
+    rounded in every forward to the type's grid as in Block-AP; the zero points stay frozen, as E2E-QP freezes
+    ``QuantLinear``'s (``B = A z`` follows the scale, re-rounded to its grid). The trained
     layer is written back as exact ggml blocks by ``to_blocks()``.
 
     Forward ``y = x @ W.T + bias`` with ``W = A c - B`` dequantized ``tile_rows`` output rows at a time; backward
@@ -951,7 +974,7 @@ class GGUFPackedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self._quant_names = []
         for key, shape in param_shapes(t, out_features, in_features).items():
-            if key in BUFFERS:
+            if key in BUFFERS or key == "zero":
                 self.register_buffer(key, torch.ones(shape, dtype=torch.float32, device=device))
             else:
                 setattr(self, key, nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device)))
@@ -973,7 +996,7 @@ class GGUFPackedLinear(nn.Module):
         _, grid = unpack(blocks, layer.spec, in_features)
         layer.ggml, layer.bias = blocks, bias
         for key, value in params_from_grid(layer.spec, grid).items():
-            if key in BUFFERS:
+            if key in BUFFERS or key == "zero":
                 setattr(layer, key, value.to(blocks.device))
             else:
                 setattr(layer, key, nn.Parameter(value.to(blocks.device)))

@@ -208,14 +208,14 @@ def test_clamped_level_has_zero_gradient_and_projection_brings_it_back():
     t = K.TYPES["q4_k"]
     p = {k: v.clone() for k, v in K.params_from_grid(t, K.init_grid(_weight(2, 256), t)).items()}
     p["scale"][0, 0] = 80 * p["scale_unit"][0, 0]  # beyond k = 63
-    p["min"][0, 1] = -5 * p["min_unit"][0, 0]  # below m = 0
+    p["zero"][0, 1] = -5.0  # below m = 0
     p["super_scale"][1, 0] = -1.0
     q = {k: v.clone().requires_grad_(k not in K.BUFFERS) for k, v in p.items()}
     a, b = K.scales_from_params(t, q)
     (a.sum() + b.sum()).backward()
-    assert q["scale"].grad[0, 0] == 0 and q["min"].grad[0, 1] == 0
+    assert q["scale"].grad[0, 0] == 0 and q["zero"].grad[0, 1] == 0
     K.project_params_(t, p)
-    assert p["scale"][0, 0] == 63 * p["scale_unit"][0, 0] and p["min"][0, 1] == 0
+    assert p["scale"][0, 0] == 63 * p["scale_unit"][0, 0] and p["zero"][0, 1] == 0
     assert p["super_scale"][1, 0] > 0
 
 
