@@ -278,19 +278,38 @@ def weight_error(gguf_path: Path, f16_path: Path) -> dict:
     return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
 
 
+def torch_side(gguf_path: Path, root: Path) -> dict:
+    """The measurements that need no llama.cpp (file stats, weight error, transformers' perplexity), cached in
+    ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built)."""
+    cache = gguf_path.parent / "torch_side.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf"),
+           "ppl_transformers": transformers_ppl(gguf_path, root)}
+    cache.write_text(json.dumps(res, indent=2))
+    return res
+
+
 def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "") -> dict:
     out = root / row / "result.json"
     if out.is_file():
         return json.loads(out.read_text())
     if gguf_path is None:
         return {"row": row, "skipped": note}
-    res = {"row": row, "note": note, **file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf"),
-           **llama_ppl(bins, gguf_path, root),
-           "ppl_transformers": transformers_ppl(gguf_path, root), "generation": generate(bins, gguf_path)}
+    res = {"row": row, "note": note, **torch_side(gguf_path, root), **llama_ppl(bins, gguf_path, root),
+           "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res), flush=True)
     return res
+
+
+def prepare(model: Path, root: Path, types: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    prepare_data(model, root)
+    torch_side(fp16_gguf(model, root), root)
+    for gtype in types:
+        print(gtype, torch_side(grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), root), flush=True)
 
 
 def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool) -> None:
@@ -345,12 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--no-trained", action="store_true", help="skip the frugal-qat Block-AP / E2E-QP rows")
+    pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
+    pr.add_argument("--model", type=Path, required=True)
+    pr.add_argument("--root", type=Path, required=True)
+    pr.add_argument("--types", default="q4_k,q3_k,q2_k")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "build":
         build(args.cache, jobs=args.jobs)
+    elif args.cmd == "prepare":
+        prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
         run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained)
     else:
