@@ -304,6 +304,69 @@ def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str 
     return res
 
 
+def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[float], steps: int = 24) -> None:
+    """One block trained as Block-AP trains it, in a plain grid (``plainB``: w``B``g64) or a GGUF grid: validation
+    MSE of the block's output before and after (24 steps of 2 x 256-token windows = 2 epochs of the 24 first
+    calibration windows, cosine lr from ``lr`` to ``lr / 20``, weights and quantizer at the same lr; the last 8
+    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer."""
+    import torch
+    from torch import nn
+
+    from frugal_qat.offload.blocks import ModelSource
+    from frugal_qat.quantizer import QuantLinear, kquant
+
+    prepare_data(model, root)
+    torch.manual_seed(0)
+    src = ModelSource(model)
+    runner = src.runner("cpu")
+    windows = torch.load(root / "data" / "windows.pt")["calib"]
+    with torch.no_grad():
+        x = src.embed(windows).float()
+        for i in range(block):
+            b = src.block(i)
+            x = torch.cat([runner(b, i, xb) for xb in x.split(8)])
+        fp = src.block(block)
+        y = torch.cat([runner(fp, block, xb) for xb in x.split(8)])
+    xt, yt, xv, yv = x[:24], y[:24], x[24:], y[24:]
+
+    def val(blk) -> float:
+        with torch.no_grad():
+            return sum(float((runner(blk, block, xv[j:j + 4]) - yv[j:j + 4]).square().sum())
+                       for j in range(0, len(xv), 4)) / yv.numel()
+
+    for grid in grids:
+        for lr in lrs:
+            blk = src.block(block)
+            layers = []
+            for path, mod in list(blk.named_modules()):
+                if isinstance(mod, nn.Linear):
+                    parent, _, child = path.rpartition(".")
+                    q = (QuantLinear.from_linear(mod, int(grid[5:]), 64) if grid.startswith("plain")
+                         else kquant.GGUFQuantLinear.from_linear(mod, grid))
+                    setattr(blk.get_submodule(parent), child, q)
+                    layers.append(q)
+            quant = [p for q in layers for p in q.quant_parameters()]
+            others = [p for p in blk.parameters() if id(p) not in {id(t) for t in quant}]
+            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": lr, "base": lr}],
+                                    weight_decay=0.0)
+            before = val(blk)
+            for s in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = g["base"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / (steps - 1))))
+                j = (s % (len(xt) // 2)) * 2
+                opt.zero_grad()
+                (runner(blk, block, xt[j:j + 2]) - yt[j:j + 2]).square().mean().backward()
+                opt.step()
+                with torch.no_grad():
+                    for q in layers:
+                        q.project_() if hasattr(q, "project_") else q.scale.clamp_(min=1e-4)
+            for q in layers:
+                q.freeze_()
+            after = val(blk)
+            print(f"| block {block} | {grid} | {lr:g} | {before:.3e} | {after:.3e} | {100 * (after / before - 1):+.1f} % |",
+                  flush=True)
+
+
 def prepare(model: Path, root: Path, types: list[str]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(model, root)
@@ -368,12 +431,20 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--model", type=Path, required=True)
     pr.add_argument("--root", type=Path, required=True)
     pr.add_argument("--types", default="q4_k,q3_k,q2_k")
+    bl = sub.add_parser("block", help="one block trained in a plain or GGUF grid: validation MSE before/after")
+    bl.add_argument("--model", type=Path, required=True)
+    bl.add_argument("--root", type=Path, required=True)
+    bl.add_argument("--block", type=int, default=3)
+    bl.add_argument("--grids", default="plain4,q4_k,plain2,q2_k")
+    bl.add_argument("--lrs", default="1e-4,1e-3")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "build":
         build(args.cache, jobs=args.jobs)
+    elif args.cmd == "block":
+        block_check(args.model, args.root, args.block, args.grids.split(","), [float(v) for v in args.lrs.split(",")])
     elif args.cmd == "prepare":
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
