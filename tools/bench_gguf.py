@@ -399,7 +399,12 @@ def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool) -
 
 
 def table(root: Path) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))]
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (d / "result.json").is_file():
+            rows.append(json.loads((d / "result.json").read_text()))
+        elif (d / "torch_side.json").is_file():  # llama.cpp not run yet: the torch-side measurements alone
+            rows.append({"row": d.name, **json.loads((d / "torch_side.json").read_text())})
     order = {"fp16": 0}
     rows.sort(key=lambda r: (order.get(r["row"], 1), r["row"].split("_")[1] if "_" in r["row"] else "", r["row"]))
     print("| row | linears (types) | bits/w linears | weight err k-quant / fallback | file MB | ppl llama.cpp | "
@@ -412,7 +417,11 @@ def table(root: Path) -> None:
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
         err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
         print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
-              f"{r['ppl_llama_cpp']:.3f} ± {r['ppl_llama_cpp_err']:.3f} | {r['ppl_transformers']:.3f} |")
+              f"{_ppl_cell(r)} | {r['ppl_transformers']:.3f} |")
+
+
+def _ppl_cell(r: dict) -> str:
+    return f"{r['ppl_llama_cpp']:.3f} ± {r['ppl_llama_cpp_err']:.3f}" if "ppl_llama_cpp" in r else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
