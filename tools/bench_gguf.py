@@ -89,7 +89,11 @@ def build(cache: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> Path:
 
 
 def _locked(cmd: list[str]) -> list[str]:
-    return ["flock", str(LOCK), *cmd] if LOCK.parent.is_dir() else cmd
+    """``cmd`` under the shared benchmark lock, unless this process already runs under it
+    (``flock /work/notes/bench.lock env BENCH_LOCK_HELD=1 python tools/bench_gguf.py run ...``)."""
+    if os.environ.get("BENCH_LOCK_HELD") or not LOCK.parent.is_dir():
+        return cmd
+    return ["flock", str(LOCK), *cmd]
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -278,26 +282,33 @@ def weight_error(gguf_path: Path, f16_path: Path) -> dict:
     return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
 
 
-def torch_side(gguf_path: Path, root: Path) -> dict:
+def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> dict:
     """The measurements that need no llama.cpp (file stats, weight error, transformers' perplexity), cached in
-    ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built)."""
+    ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built);
+    ``with_transformers=False`` leaves the perplexity for a later run."""
     cache = gguf_path.parent / "torch_side.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf"),
-           "ppl_transformers": transformers_ppl(gguf_path, root)}
+    res = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not res:
+        res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf")}
+    if with_transformers and "ppl_transformers" not in res:
+        res["ppl_transformers"] = transformers_ppl(gguf_path, root)
     cache.write_text(json.dumps(res, indent=2))
     return res
 
 
-def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "") -> dict:
+def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "",
+            with_transformers: bool = True) -> dict:
     out = root / row / "result.json"
     if out.is_file():
-        return json.loads(out.read_text())
+        res = json.loads(out.read_text())
+        if with_transformers and "ppl_transformers" not in res and gguf_path is not None:
+            res.update(torch_side(gguf_path, root))
+            out.write_text(json.dumps(res, indent=2))
+        return res
     if gguf_path is None:
         return {"row": row, "skipped": note}
-    res = {"row": row, "note": note, **torch_side(gguf_path, root), **llama_ppl(bins, gguf_path, root),
-           "generation": generate(bins, gguf_path)}
+    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers),
+           **llama_ppl(bins, gguf_path, root), "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res), flush=True)
@@ -375,20 +386,21 @@ def prepare(model: Path, root: Path, types: list[str]) -> None:
         print(gtype, torch_side(grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), root), flush=True)
 
 
-def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool) -> None:
+def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, with_transformers: bool = True) -> None:
     bins = build(cache)
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(model, root)
     f16 = fp16_gguf(model, root)
-    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears")
+    tf = with_transformers
+    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf)
     imatrix = llama_imatrix(bins, f16, root)
     for gtype in types:
         measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
-                f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}")
+                f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
         measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype, imatrix),
-                bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)")
+                bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
         measure(f"fq_{gtype}_init", grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), bins, root,
-                "frugal-qat grid init, no training")
+                "frugal-qat grid init, no training", tf)
         if trained:
             for e2e in (False, True):
                 row = f"fq_{gtype}_{'e2e' if e2e else 'bap'}"
@@ -436,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--no-trained", action="store_true", help="skip the frugal-qat Block-AP / E2E-QP rows")
+    r.add_argument("--no-transformers", action="store_true",
+                   help="llama.cpp's measurements only (a later run without the flag adds transformers' perplexity)")
     pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
     pr.add_argument("--model", type=Path, required=True)
     pr.add_argument("--root", type=Path, required=True)
@@ -457,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "prepare":
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
-        run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained)
+        run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained, not args.no_transformers)
     else:
         table(args.root)
     return 0
