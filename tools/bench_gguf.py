@@ -25,7 +25,7 @@ the benchmark resumes after a kill):
   (phase 2: skipped, with the reason, until the CLI trains in the grid).
 
 Where a row is not a multiple of 256 (SmolLM2's hidden size is 576: q/k/v/o, gate and up), llama.cpp falls back
-to IQ4_NL (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
+to Q4_0 (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
 bits per weight of the linears of each file, so the sizes compare.
 
 Perplexity, per file: ``llama-perplexity -c 512 --chunks 40`` on the held-out text (the 40 x 512 demo-heldout tokens

@@ -109,7 +109,7 @@ TYPES: dict[str, GGMLType] = {
 K_QUANTS = ("q4_k", "q3_k", "q2_k")
 LEGACY = ("q4_0", "q4_1", "q5_0", "q8_0")
 # Per tensor, a k-quant whose rows are not a multiple of 256 falls back to a legacy type of the same kind
-# (llama-quantize falls back too, to IQ4_NL / Q5_0, which are not uniform grids or cost more).
+# (llama-quantize falls back too: to Q4_0 for q2_k/q3_k and Q5_0 for q4_k in the llama.cpp of llama-cpp-python 0.3.36).
 K_FALLBACK = {"q4_k": "q4_1", "q3_k": "q4_0", "q2_k": "q4_0"}
 
 
