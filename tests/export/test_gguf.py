@@ -27,9 +27,10 @@ from tests.export import make_run
 
 gguf = pytest.importorskip("gguf")
 
-# k-quant rows need in_features % 256 == 0: hidden and intermediate 256 (head_dim 64: 4 heads, 2 kv heads);
+# k-quant rows need in_features % 256 == 0: hidden and intermediate 256 (head_dim 64: 4 heads, 2 kv heads), one
+# block (the grid initialisation of a 256-wide model dominates these tests' time);
 # the legacy types run on conftest's default tiny model (hidden 64, intermediate 128: multiples of 32)
-WIDE = {"hidden": 256, "intermediate": 256, "heads": 4, "kv_heads": 2}
+WIDE = {"hidden": 256, "intermediate": 256, "heads": 4, "kv_heads": 2, "layers": 1}
 
 
 def _widths(gguf_type: str) -> dict:
@@ -70,10 +71,11 @@ def test_grid_run_is_copied_byte_for_byte(grid_runs, tmp_path, gguf_type):
     assert set(details["gguf_types"].values()) == {gguf_type} and details["fallbacks"] == {}
     assert details["bits_per_weight"] == kquant.TYPES[gguf_type].bits_per_weight
     tensors = _gguf_tensors(tmp_path / GGUF_FILE)
-    raw = src.store.block_state(1, dtype=None)
+    last = src.n_layers - 1
+    raw = src.store.block_state(last, dtype=None)
     for hf, name, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
                             ("mlp.down_proj", "ffn_down", None)):
-        t = tensors[f"blk.1.{name}.weight"]
+        t = tensors[f"blk.{last}.{name}.weight"]
         assert t.tensor_type == gguf.GGMLQuantizationType(kquant.TYPES[gguf_type].ggml_id)
         ours = raw[f"{hf}.ggml"]
         expected = permute_rows(ours, heads) if heads else ours  # q/k rows move whole, blocks and all
@@ -86,7 +88,7 @@ def test_transformers_loads_the_gguf_with_frugal_qat_perplexity(grid_runs, tmp_p
     run = grid_runs(gguf_type, **WIDE)
     report = export_gguf(ModelSource(run), tmp_path, n_windows=2, seqlen=48)
     v = report["verify"]
-    assert v["weights"]["max_abs_weight_diff"] == 0.0 and v["weights"]["tensors"] == 2 * 9 + 3
+    assert v["weights"]["max_abs_weight_diff"] == 0.0 and v["weights"]["tensors"] == 9 + 3
     lg = v["logits"]
     assert abs(lg["ppl_export"] / lg["ppl_frugal_qat"] - 1) < 0.005  # the issue's bar; measured: equal
     assert lg["max_abs_logit_diff"] < 1e-3
@@ -160,7 +162,7 @@ def test_metadata_and_tokenizer(grid_runs, tmp_path):
     def field(key):
         return reader.fields[key].contents()
 
-    assert field("llama.block_count") == 2 and field("llama.embedding_length") == 256
+    assert field("llama.block_count") == 1 and field("llama.embedding_length") == 256
     assert field("llama.attention.head_count") == 4 and field("llama.attention.head_count_kv") == 2
     assert field("llama.rope.dimension_count") == 64 and field("general.file_type") == 11  # MOSTLY_Q3_K_S
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "default"
