@@ -1,0 +1,481 @@
+"""GGUF on SmolLM2-135M: llama.cpp's own quantizer (without / with an importance matrix) against frugal-qat's grid.
+
+    python tools/bench_gguf.py build                      # llama.cpp's tools from source, once (cached, not in CI)
+    python tools/bench_gguf.py run --model /tmp/smollm2 --root /tmp/gguf_bench [--types q4_k,q3_k,q2_k]
+    python tools/bench_gguf.py table --root /tmp/gguf_bench
+
+``build``: downloads llama-cpp-python's source distribution from PyPI (``pip download --no-deps --no-binary
+:all: llama-cpp-python==VERSION``; it vendors the whole llama.cpp tree), configures a CPU-only static build and
+compiles only the tools used here with ``-j 2`` (a wider build can run out of memory), into ``--cache``
+(default ``/work/cache/llama.cpp``). Under ``flock /work/notes/bench.lock`` like every heavy job on the shared
+machine. Idempotent: it stops at once when the tools are there.
+
+``run``: for each type, these rows (one ``ROOT/ROW/result.json`` each; a row whose result exists is skipped, so
+the benchmark resumes after a kill):
+
+- ``fp16``: the dense model, written by frugal-qat's GGUF writer (F16 linears; embeddings F16) -- the source of
+  llama.cpp's own quantizations, so both sides start from the same file and tokenizer metadata;
+- ``llama.cpp <TYPE>``: ``llama-quantize --pure`` (one type for every linear, no Q6_K mixture), embeddings and
+  output kept F16 (``--token-embedding-type f16 --output-tensor-type f16``) as frugal-qat keeps them;
+- ``llama.cpp <TYPE> + imatrix``: the same with ``llama-imatrix`` computed on frugal-qat's calibration text
+  (the 32 x 256-token demo windows, decoded to text);
+- ``frugal-qat <TYPE> grid init``: frugal-qat's grid initialisation (``kquant.init_grid``) with no training: the
+  like-for-like comparison of the two quantizers' fits (phase 1);
+- ``frugal-qat <TYPE> Block-AP`` / ``+ E2E-QP``: ``frugal-qat block-ap --gguf TYPE`` then ``export --format gguf``
+  (phase 2: skipped, with the reason, until the CLI trains in the grid).
+
+Where a row is not a multiple of 256 (SmolLM2's hidden size is 576: q/k/v/o, gate and up), llama.cpp falls back
+to Q4_0 (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
+bits per weight of the linears of each file, so the sizes compare.
+
+Perplexity, per file: ``llama-perplexity -c 512 --chunks 40`` on the held-out text (the 40 x 512 demo-heldout tokens
+of docs/QUALITY.md, decoded to text and tokenized again by llama.cpp, which scores the second half of each
+window), and transformers' GGUF loader on the same 40 x 512 token windows, every token scored (the protocol of
+docs/QUALITY.md). Each file also generates 32 tokens greedily with ``llama-completion``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOCK = Path("/work/notes/bench.lock")
+LLAMA_CPP_PYTHON = "0.3.36"  # vendors llama.cpp; the version the table was measured with
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion", "llama-tokenize")
+QUANTIZE_FTYPE = {"q4_k": "Q4_K_S", "q3_k": "Q3_K_S", "q2_k": "Q2_K"}  # with --pure: every linear in that type
+PROMPT = "def fibonacci(n):"
+THREADS = "2"
+
+
+# ---- build ----------------------------------------------------------------------------------------------------
+
+
+def bin_dir(cache: Path) -> Path:
+    return cache / "build" / "bin"
+
+
+def build(cache: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> Path:
+    """llama.cpp's tools in ``cache/build/bin`` (see the module docstring). Returns that folder."""
+    if all((bin_dir(cache) / t).is_file() for t in TOOLS):
+        return bin_dir(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={version}", "-d", str(sdist.parent)])
+    src = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if not src.is_dir():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    configure = ["cmake", "-S", str(src), "-B", str(cache / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                 "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"]
+    compile_ = ["cmake", "--build", str(cache / "build"), "-j", str(jobs), "--target", *TOOLS]
+    t0 = time.time()
+    _run(_locked(configure))
+    _run(_locked(compile_))
+    print(f"built {', '.join(TOOLS)} in {time.time() - t0:.0f} s into {bin_dir(cache)}")
+    return bin_dir(cache)
+
+
+def _locked(cmd: list[str]) -> list[str]:
+    """``cmd`` under the shared benchmark lock, unless this process already runs under it
+    (``flock /work/notes/bench.lock env BENCH_LOCK_HELD=1 python tools/bench_gguf.py run ...``)."""
+    if os.environ.get("BENCH_LOCK_HELD") or not LOCK.parent.is_dir():
+        return cmd
+    return ["flock", str(LOCK), *cmd]
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kwargs)
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def prepare_data(model: Path, root: Path) -> dict:
+    """The held-out windows (40 x 512) and calibration windows (32 x 256, the demo recipe's) as token files and as
+    text for llama.cpp (decoded with the model's tokenizer)."""
+    import torch
+
+    from frugal_qat.cli.main import cache_dir, calibration_windows, load_tokenizer
+    from frugal_qat.config import load_recipe, resolve
+    from frugal_qat.data.windows import eval_windows, load_token_stream
+
+    out = root / "data"
+    if (out / "done.json").is_file():
+        return json.loads((out / "done.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(model)
+    heldout = eval_windows(load_token_stream(tok, "demo-heldout", cache_dir() / "tokens"), 512, 40)
+    cfg = resolve(load_recipe(REPO / "recipes" / "demo.yaml"), {})
+    calib = calibration_windows(model, cfg)[: cfg.data.train_size]
+    torch.save({"heldout": heldout, "calib": calib}, out / "windows.pt")
+    (out / "heldout.txt").write_text(tok.decode(heldout.reshape(-1).tolist()), encoding="utf-8")
+    (out / "calib.txt").write_text(tok.decode(calib.reshape(-1).tolist()), encoding="utf-8")
+    info = {"heldout": list(heldout.shape), "calib": list(calib.shape)}
+    (out / "done.json").write_text(json.dumps(info))
+    return info
+
+
+# ---- rows -----------------------------------------------------------------------------------------------------
+
+
+def fp16_gguf(model: Path, root: Path) -> Path:
+    from frugal_qat.export.gguf import write_gguf
+    from frugal_qat.offload.blocks import ModelSource
+
+    path = root / "fp16" / "model.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(ModelSource(model), path, name="SmolLM2-135M-Instruct fp16 (frugal-qat)")
+    return path
+
+
+def llama_quantize(bins: Path, f16: Path, out: Path, gtype: str, imatrix: Path | None) -> Path:
+    path = out / "model.gguf"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [str(bins / "llama-quantize"), "--pure", "--token-embedding-type", "f16", "--output-tensor-type",
+               "f16"]
+        if imatrix is not None:
+            cmd += ["--imatrix", str(imatrix)]
+        _run(_locked(cmd + [str(f16), str(path), QUANTIZE_FTYPE[gtype], THREADS]),
+             stdout=open(out / "quantize.log", "w"), stderr=subprocess.STDOUT)
+    return path
+
+
+def llama_imatrix(bins: Path, f16: Path, root: Path) -> Path:
+    path = root / "imatrix" / "imatrix.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _run(_locked([str(bins / "llama-imatrix"), "-m", str(f16), "-f", str(root / "data" / "calib.txt"),
+                      "-c", "256", "--chunks", "32", "-t", THREADS, "-o", str(path)]),
+             stdout=open(path.parent / "imatrix.log", "w"), stderr=subprocess.STDOUT)
+    return path
+
+
+def grid_init_gguf(model: Path, out: Path, gtype: str) -> Path:
+    """frugal-qat's grid initialisation of every linear (no training), written as a grid run and exported."""
+    from frugal_qat.export.gguf import grid_init_run, write_gguf
+    from frugal_qat.offload.blocks import ModelSource
+
+    path = out / "model.gguf"
+    if not path.is_file():
+        run = out / "run"
+        if not (run / "config.json").is_file():
+            grid_init_run(model, run, gtype)
+        write_gguf(ModelSource(run), path, name=f"SmolLM2-135M-Instruct {gtype} grid init (frugal-qat)")
+    return path
+
+
+def frugal_qat_trained(model: Path, out: Path, gtype: str, e2e: bool) -> Path | None:
+    """``block-ap --gguf TYPE`` (+ ``e2e-qp``) then ``export --format gguf``; None when the CLI cannot yet."""
+    path = out / "model.gguf"
+    if path.is_file():
+        return path
+    cli = [sys.executable, "-m", "frugal_qat"]
+    run = out.parent / f"bap_{gtype}" / "run"
+    if not (run / "summary.json").is_file():
+        run.parent.mkdir(parents=True, exist_ok=True)
+        _run(_locked(cli + ["block-ap", "--model", str(model), "--out", str(run), "--recipe",
+                            str(REPO / "recipes" / "demo.yaml"), "--gguf", gtype, "--device", "cpu", "--io", "mmap"]))
+    cfg = json.loads((run / "config.json").read_text()).get("quantization_config", {})
+    if cfg.get("gguf") != gtype:
+        return None  # phase 1: the flag exists but Block-AP does not train in the grid yet
+    if e2e:
+        e2e_run = out / "run"
+        if not (e2e_run / "summary.json").is_file():
+            _run(_locked(cli + ["e2e-qp", "--run", str(run), "--out", str(e2e_run), "--recipe",
+                                str(REPO / "recipes" / "demo.yaml"), "--device", "cpu"]))
+        run = e2e_run
+    out.mkdir(parents=True, exist_ok=True)
+    _run(cli + ["export", "--run", str(run), "--format", "gguf", "--out", str(out / "export")])
+    shutil.copyfile(out / "export" / "model.gguf", path)
+    return path
+
+
+# ---- measurements ---------------------------------------------------------------------------------------------
+
+
+def llama_ppl(bins: Path, gguf_path: Path, root: Path) -> dict:
+    log = gguf_path.parent / "perplexity.log"
+    proc = subprocess.run(_locked([str(bins / "llama-perplexity"), "-m", str(gguf_path), "-f",
+                                   str(root / "data" / "heldout.txt"), "-c", "512", "--chunks", "40", "-b", "512",
+                                   "-t", THREADS]), capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode or not m:
+        raise RuntimeError(f"llama-perplexity failed on {gguf_path}; see {log}")
+    return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2))}
+
+
+def transformers_ppl(gguf_path: Path, root: Path) -> float:
+    import torch
+
+    from frugal_qat.export.gguf import load_gguf_model
+
+    windows = torch.load(root / "data" / "windows.pt")["heldout"]
+    model = load_gguf_model(gguf_path)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows.split(4):
+            logits = model(w).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           w[:, 1:].reshape(-1), reduction="sum"))
+            n += w[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def generate(bins: Path, gguf_path: Path) -> str:
+    proc = subprocess.run([str(bins / "llama-completion"), "-m", str(gguf_path), "-p", PROMPT, "-n", "32",
+                           "--temp", "0", "-t", THREADS, "-no-cnv", "--no-warmup"],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    return proc.stdout.strip()[:400] if proc.returncode == 0 else f"(failed: {proc.stderr.strip()[-200:]})"
+
+
+def file_stats(gguf_path: Path) -> dict:
+    """Bits per weight of the quantized linears (blk.*.attn_*/ffn_* weights), the types used, and the size."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    n_w = n_b = 0
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name:
+            n_w += int(t.n_elements)
+            n_b += int(t.n_bytes)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"bits_per_weight_linears": round(8 * n_b / n_w, 3), "linear_types": types,
+            "file_mb": round(gguf_path.stat().st_size / 1e6, 2)}
+
+
+def weight_error(gguf_path: Path, f16_path: Path) -> dict:
+    """Relative RMS error of the quantized linears against the fp16 file (both in llama.cpp's row order), over all
+    linears and split by the tensors stored in a k-quant and those stored in a fallback type."""
+    import gguf
+    import numpy as np
+
+    ref = {t.name: t for t in gguf.GGUFReader(str(f16_path)).tensors}
+    sums = {"all": [0.0, 0.0], "k-quant": [0.0, 0.0], "fallback": [0.0, 0.0]}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        if not (t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name):
+            continue
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+        w0 = gguf.quants.dequantize(ref[t.name].data, ref[t.name].tensor_type).astype(np.float64)
+        err, sig = float(((w - w0) ** 2).sum()), float((w0**2).sum())
+        part = "k-quant" if t.tensor_type.name in ("Q2_K", "Q3_K", "Q4_K") else "fallback"
+        for key in ("all", part):
+            sums[key][0] += err
+            sums[key][1] += sig
+    return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
+
+
+def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> dict:
+    """The measurements that need no llama.cpp (file stats, weight error, transformers' perplexity), cached in
+    ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built);
+    ``with_transformers=False`` leaves the perplexity for a later run."""
+    cache = gguf_path.parent / "torch_side.json"
+    res = json.loads(cache.read_text()) if cache.is_file() else {}
+    if not res:
+        res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf")}
+    if with_transformers and "ppl_transformers" not in res:
+        res["ppl_transformers"] = transformers_ppl(gguf_path, root)
+    cache.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "",
+            with_transformers: bool = True) -> dict:
+    out = root / row / "result.json"
+    if out.is_file():
+        res = json.loads(out.read_text())
+        if with_transformers and "ppl_transformers" not in res and gguf_path is not None:
+            res.update(torch_side(gguf_path, root))
+            out.write_text(json.dumps(res, indent=2))
+        return res
+    if gguf_path is None:
+        return {"row": row, "skipped": note}
+    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers),
+           **llama_ppl(bins, gguf_path, root), "generation": generate(bins, gguf_path)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[float], steps: int = 24) -> None:
+    """One block trained as Block-AP trains it, in a plain grid (``plainB``: w``B``g64) or a GGUF grid: validation
+    MSE of the block's output before and after (24 steps of 2 x 256-token windows = 2 epochs of the 24 first
+    calibration windows, cosine lr from ``lr`` to ``lr / 20``, weights and quantizer at the same lr; the last 8
+    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer."""
+    import torch
+    from torch import nn
+
+    from frugal_qat.offload.blocks import ModelSource
+    from frugal_qat.quantizer import QuantLinear, kquant
+
+    prepare_data(model, root)
+    torch.manual_seed(0)
+    src = ModelSource(model)
+    runner = src.runner("cpu")
+    windows = torch.load(root / "data" / "windows.pt")["calib"]
+    with torch.no_grad():
+        x = src.embed(windows).float()
+        for i in range(block):
+            b = src.block(i)
+            x = torch.cat([runner(b, i, xb) for xb in x.split(8)])
+        fp = src.block(block)
+        y = torch.cat([runner(fp, block, xb) for xb in x.split(8)])
+    xt, yt, xv, yv = x[:24], y[:24], x[24:], y[24:]
+
+    def val(blk) -> float:
+        with torch.no_grad():
+            return sum(float((runner(blk, block, xv[j:j + 4]) - yv[j:j + 4]).square().sum())
+                       for j in range(0, len(xv), 4)) / yv.numel()
+
+    for grid in grids:
+        for lr in lrs:
+            blk = src.block(block)
+            layers = []
+            for path, mod in list(blk.named_modules()):
+                if isinstance(mod, nn.Linear):
+                    parent, _, child = path.rpartition(".")
+                    q = (QuantLinear.from_linear(mod, int(grid[5:]), 64) if grid.startswith("plain")
+                         else kquant.GGUFQuantLinear.from_linear(mod, grid))
+                    setattr(blk.get_submodule(parent), child, q)
+                    layers.append(q)
+            quant = [p for q in layers for p in q.quant_parameters()]
+            others = [p for p in blk.parameters() if id(p) not in {id(t) for t in quant}]
+            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": lr, "base": lr}],
+                                    weight_decay=0.0)
+            before = val(blk)
+            for s in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = g["base"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / (steps - 1))))
+                j = (s % (len(xt) // 2)) * 2
+                opt.zero_grad()
+                (runner(blk, block, xt[j:j + 2]) - yt[j:j + 2]).square().mean().backward()
+                opt.step()
+                with torch.no_grad():
+                    for q in layers:
+                        q.project_() if hasattr(q, "project_") else q.scale.clamp_(min=1e-4)
+            for q in layers:
+                q.freeze_()
+            after = val(blk)
+            print(f"| block {block} | {grid} | {lr:g} | {before:.3e} | {after:.3e} | {100 * (after / before - 1):+.1f} % |",
+                  flush=True)
+
+
+def prepare(model: Path, root: Path, types: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    prepare_data(model, root)
+    torch_side(fp16_gguf(model, root), root)
+    for gtype in types:
+        print(gtype, torch_side(grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), root), flush=True)
+
+
+def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, with_transformers: bool = True) -> None:
+    bins = build(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    prepare_data(model, root)
+    f16 = fp16_gguf(model, root)
+    tf = with_transformers
+    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf)
+    imatrix = llama_imatrix(bins, f16, root)
+    for gtype in types:
+        measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
+                f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
+        measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype, imatrix),
+                bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
+        measure(f"fq_{gtype}_init", grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), bins, root,
+                "frugal-qat grid init, no training", tf)
+        if trained:
+            for e2e in (False, True):
+                row = f"fq_{gtype}_{'e2e' if e2e else 'bap'}"
+                path = frugal_qat_trained(model, root / row, gtype, e2e)
+                measure(row, path, bins, root, "needs phase 2 (block-ap --gguf)" if path is None else
+                        f"frugal-qat Block-AP{' + E2E-QP' if e2e else ''} in the {gtype} grid (demo recipe)")
+    table(root)
+
+
+def table(root: Path) -> None:
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (d / "result.json").is_file():
+            rows.append(json.loads((d / "result.json").read_text()))
+        elif (d / "torch_side.json").is_file():  # llama.cpp not run yet: the torch-side measurements alone
+            rows.append({"row": d.name, **json.loads((d / "torch_side.json").read_text())})
+    order = {"fp16": 0}
+    rows.sort(key=lambda r: (order.get(r["row"], 1), r["row"].split("_")[1] if "_" in r["row"] else "", r["row"]))
+    print("| row | linears (types) | bits/w linears | weight err k-quant / fallback | file MB | ppl llama.cpp | "
+          "ppl transformers |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
+        err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
+        print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
+              f"{_ppl_cell(r)} | {r['ppl_transformers']:.3f} |")
+
+
+def _ppl_cell(r: dict) -> str:
+    return f"{r['ppl_llama_cpp']:.3f} ± {r['ppl_llama_cpp_err']:.3f}" if "ppl_llama_cpp" in r else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
+    b.add_argument("--jobs", type=int, default=2)
+    r = sub.add_parser("run")
+    r.add_argument("--model", type=Path, required=True)
+    r.add_argument("--root", type=Path, required=True)
+    r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
+    r.add_argument("--types", default="q4_k,q3_k,q2_k")
+    r.add_argument("--no-trained", action="store_true", help="skip the frugal-qat Block-AP / E2E-QP rows")
+    r.add_argument("--no-transformers", action="store_true",
+                   help="llama.cpp's measurements only (a later run without the flag adds transformers' perplexity)")
+    pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
+    pr.add_argument("--model", type=Path, required=True)
+    pr.add_argument("--root", type=Path, required=True)
+    pr.add_argument("--types", default="q4_k,q3_k,q2_k")
+    bl = sub.add_parser("block", help="one block trained in a plain or GGUF grid: validation MSE before/after")
+    bl.add_argument("--model", type=Path, required=True)
+    bl.add_argument("--root", type=Path, required=True)
+    bl.add_argument("--block", type=int, default=3)
+    bl.add_argument("--grids", default="plain4,q4_k,plain2,q2_k")
+    bl.add_argument("--lrs", default="1e-4,1e-3")
+    t = sub.add_parser("table")
+    t.add_argument("--root", type=Path, required=True)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.cmd == "build":
+        build(args.cache, jobs=args.jobs)
+    elif args.cmd == "block":
+        block_check(args.model, args.root, args.block, args.grids.split(","), [float(v) for v in args.lrs.split(",")])
+    elif args.cmd == "prepare":
+        prepare(args.model, args.root, args.types.split(","))
+    elif args.cmd == "run":
+        run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained, not args.no_transformers)
+    else:
+        table(args.root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
