@@ -504,6 +504,15 @@ class PhasePlan:
         return sum(s.repeat * s.io_bytes for s in self.time_stages)
 
     @property
+    def io_exceeds_compute_below_gbps(self) -> float | None:
+        """Disk GB/s below which a block's disk time exceeds its compute time, however well overlapped: the
+        block's (or the phase's) bytes over its compute seconds."""
+        stages = self.time_stages or self.once_stages
+        compute = sum(st.repeat * st.compute_seconds for st in stages)
+        moved = sum(st.repeat * st.io_bytes for st in stages)
+        return moved / compute / 1e9 if compute > 0 and moved else None
+
+    @property
     def io_bound_below_gbps(self) -> float | None:
         """Disk GB/s below which a block (or the phase) waits on the disk in at least one overlapped stage."""
         values = [v for s in self.time_stages + self.once_stages if (v := s.io_bound_below_gbps) is not None]
@@ -625,15 +634,18 @@ def packed_matmul_transients(in_features: int, out_features: int, tokens: int, c
     Local stand-in until ``frugal_qat.quantizer.packed.packed_matmul_transients`` (branch ``kernels``) lands in
     main; switch by importing it here. CUDA (the dequantize-then-cuBLAS path of issue 12): forward dequantizes the
     whole layer to 16 bits, ``c*in*out``; backward dequantizes it again for dL/dx and makes dL/dW in fp32 for the
-    scale gradient, ``(c + 4)*in*out``. CPU (``quantizer/packed.py``'s torch path, 512-row tiles): forward an fp32
-    accumulator ``4*tokens*out``, one tile of ``q - z`` and its 16-bit copy, and the input slice in fp32;
-    backward the tile and its dL/dW tile, fp32.
+    scale gradient, ``(c + 4)*in*out``. CPU (``quantizer/packed.py``'s torch path, which computes in fp32 on 512-row
+    tiles): forward one tile's codes and fp32 ``q - z`` (5 B per element), and for 16-bit inputs the fp32
+    accumulator and the input slice made fp32; backward the tile's ``q - z`` and dL/dW (fp32), one slice of dL/dx,
+    and for 16-bit inputs dL/dy made fp32.
     """
     K, N, M, c = in_features, out_features, tokens, compute_bytes
     if device_type == "cuda":
         return {"forward": c * K * N, "backward": (c + 4) * K * N}
     tile = min(TORCH_TILE_ROWS, K)
-    return {"forward": 4 * M * N + (4 + c) * tile * N + 4 * M * tile, "backward": 2 * 4 * tile * N + 4 * M * tile}
+    upcast = c < 4
+    return {"forward": 5 * tile * N + (4 * M * N + 4 * M * tile if upcast else 0),
+            "backward": 8 * tile * N + 4 * M * tile + (4 * M * N if upcast else 0)}
 
 
 def packed_matmul_bytes(wbits: int, compute_bytes: int) -> float:
@@ -740,7 +752,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     train = s.epochs > 0
     update, wrap, fwdbwd, opt, val = "stream update", "wrap", "forward+backward", "optimizer step", "validation"
     pairs = (BATCHES_AHEAD + 1) * ga * 2 * T * H * 4
-    up_cast = 4 - ct if ct < 4 else 0  # the incoming 16-bit grad of W_hat, made fp32 by the fake-quant backward
+    up_cast = 4 if ct < 4 else 0  # the fp32 copy of W_hat's incoming 16-bit grad (fake_quant computes in fp32)
 
     dev = [
         _term("block fp32 master weights", 4 * P, "4*P: linears, norms and biases of one block"),
@@ -859,8 +871,8 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("scales fp32 master", 4 * G, "4*G over all blocks"),
         _term("scale grads (fp32)", 4 * G, "4*G, accumulated over the micro-batches"),
         _term("8-bit AdamW states", adam, f"2 B/scale + 2*4 B per {BNB_BLOCK} (min_8bit_size=1: every tensor 8-bit)"),
-        _term(f"embeddings, lm_head, norms, biases ({_dtype_name(prec.e2e_dtype)})", e * frozen,
-              f"{e}*(V*H*{1 if shape.tied else 2} + H + n*(norms + biases))"),
+        _term("embeddings, lm_head, norms, biases", e * frozen,
+              f"{e}*(V*H*{1 if shape.tied else 2} + H + n*(norms + biases)): frozen, {_dtype_name(prec.e2e_dtype)}"),
         _term("checkpointed block inputs", n * T * H * e,
               f"n*T*H*{e}: the embeddings' output and every block's but the last, kept by activation checkpointing"),
         _term("recomputed block: saved activations", T * saved_bytes_per_token(shape, prof),

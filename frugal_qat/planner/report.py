@@ -67,6 +67,10 @@ def _phase_lines(p: PhasePlan, plan: Plan, simulated: dict | None) -> list[str]:
                  f"{_hours(p.io_seconds)} of which overlapped where the code overlaps it; {_decimal(p.io_bytes)} "
                  "moved)")
     if p.time_stages:
+        waits, exceeds = p.io_bound_below_gbps, p.io_exceeds_compute_below_gbps
+        if waits is not None and exceeds is not None:
+            lines.append(f"   disk: some stage of a block waits on the disk below {waits:.2f} GB/s; a block's disk time "
+                         f"exceeds its compute time below {exceeds:.2f} GB/s")
         lines.append("   per block:")
         lines += [_stage_line(st) for st in p.time_stages]
     if p.once_stages:
@@ -174,6 +178,7 @@ def plan_to_json(plan: Plan, simulated: dict | None = None) -> dict[str, Any]:
                 "io_seconds": sum(st.repeat * st.io_seconds for st in p.time_stages),
                 "io_bytes": p.io_bytes_per_block,
                 "io_bound_below_gbps": p.io_bound_below_gbps,
+                "io_exceeds_compute_below_gbps": p.io_exceeds_compute_below_gbps,
                 "stages": [_stage_json(st) for st in p.time_stages],
             }
         if simulated and p.phase in simulated:
