@@ -44,8 +44,8 @@ def validate(args) -> None:
         for policy in args.policies:
             s = PlanSettings(wbits=args.wbits, group_size=group, device="cpu", precision_policy=policy,
                              seqlen=args.seqlen, e2e_seqlen=args.seqlen, batch_size=2, block_ap_grad_accum=2,
-                             e2e_batch_size=2, grad_accum=args.e2e_accum, train_size=8, val_size=2, logits_chunk=args.seqlen,
-                             eval_batch_size=2)
+                             e2e_batch_size=2, grad_accum=args.e2e_accum, train_size=8, val_size=2,
+                             logits_chunk=args.seqlen, eval_batch_size=2)
             for phase in PHASES:
                 t0 = time.time()
                 sim = simulate(config, s, (phase,), packed_kernels="torch")[phase]

@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", choices=sorted(GPUS), default="a100-80gb",
                    help="the GPU the time and memory are planned for (peaks, bandwidth, memory)")
     p.add_argument("--gpu-mem", help="GPU memory to plan against (default: the --gpu's)")
-    p.add_argument("--gpu-tflops", type=float, help="override the GPU's peak 16-bit TFLOP/s (other peaks scale with it)")
+    p.add_argument("--gpu-tflops", type=float,
+                   help="override the GPU's peak 16-bit TFLOP/s (its other peaks scale with it)")
     p.add_argument("--gpu-util", type=float, help="override the achieved fraction of peak of every matmul, e.g. 0.6")
     p.add_argument("--disk-gbps", type=float, help="disk bandwidth in GB/s for the activation streams (default 2)")
     p.add_argument("--cpu-mem", help="host RAM available (default: this machine's)")

@@ -63,14 +63,15 @@ def _phase_lines(p: PhasePlan, plan: Plan, simulated: dict | None) -> list[str]:
     lines += _section("host RAM", p.host_terms, ram_label, p.ram_peak, s.cpu_mem)
     lines += _section("disk", p.disk_terms, "total", p.disk_total, s.disk_free)
     per = f" = {p.blocks} x {_hours(p.block_seconds)} per block" if p.blocks > 1 else ""
-    lines.append(f"  time: about {_hours(p.seconds)}{per} (compute {_hours(p.compute_seconds)}, I/O "
-                 f"{_hours(p.io_seconds)} of which overlapped where the code overlaps it; {_decimal(p.io_bytes)} "
-                 "moved)")
+    stages = [(st, p.blocks) for st in p.time_stages] + [(st, 1) for st in p.once_stages]
+    waiting = sum(n * st.repeat * st.io_seconds for st, n in stages if not st.overlapped)
+    lines.append(f"  time: about {_hours(p.seconds)}{per} (compute {_hours(p.compute_seconds)}; disk I/O "
+                 f"{_hours(p.io_seconds)}, {_decimal(p.io_bytes)}, of which {_hours(waiting)} not overlapped)")
     if p.time_stages:
         waits, exceeds = p.io_bound_below_gbps, p.io_exceeds_compute_below_gbps
         if waits is not None and exceeds is not None:
-            lines.append(f"   disk: some stage of a block waits on the disk below {waits:.2f} GB/s; a block's disk time "
-                         f"exceeds its compute time below {exceeds:.2f} GB/s")
+            lines.append(f"   disk: some stage of a block waits on the disk below {waits:.2f} GB/s; a block's disk "
+                         f"time exceeds its compute time below {exceeds:.2f} GB/s")
         lines.append("   per block:")
         lines += [_stage_line(st) for st in p.time_stages]
     if p.once_stages:

@@ -37,8 +37,16 @@ E2E-QP model), and differs from a GPU run in what only CUDA does, which comes fr
   CPU parameters; the simulation sets ``foreach=True``, as a GPU run gets, so its temporaries are counted.
 
 Checks of values (``torch.equal`` of ``g_idx`` in ``PackedLinear.from_packed`` and of the re-quantized weight in
-``QuantLinear.pack``, the positive-scale check of ``QuantLinear.freeze_``, the code-range check of ``pack_rows``) cannot run without
-values; the simulation answers them as passing (:class:`LiveBytes`).
+``QuantLinear.pack``, the positive-scale check of ``QuantLinear.freeze_``, the code-range check of ``pack_rows``)
+cannot run without values; the simulation answers them as passing (:class:`LiveBytes`). transformers takes a fake
+tensor for a sign of ``torch.compile`` and would build a 4-D causal mask a real run does not; it is told it is not
+tracing. CPU autocast's op lists differ from CUDA's; the dtypes that matter here are set explicitly by the code
+(``.float()`` before the losses, fp32 norms). The perplexity head repeats ``eval/ppl.py``'s loop, which is not a
+function there.
+
+The same phase functions run on real tensors (:func:`run_phase` with ``fake=False``: zeros, valid packed codes),
+which is how the simulation is checked: on a small model its peak equals the live-tensor peak of the real run
+measured by the profiler's ``LiveTensors`` (``tests/planner/test_simulate.py``, ``tools/bench_simulate.py``).
 """
 
 from __future__ import annotations
