@@ -46,7 +46,7 @@ def validate(args) -> None:
                              seqlen=args.seqlen, e2e_seqlen=args.seqlen, batch_size=2, block_ap_grad_accum=2,
                              e2e_batch_size=2, grad_accum=args.e2e_accum, train_size=8, val_size=2,
                              logits_chunk=args.seqlen, eval_batch_size=2)
-            for phase in PHASES:
+            for phase in args.phases or PHASES:
                 t0 = time.time()
                 sim = simulate(config, s, (phase,), packed_kernels="torch")[phase]
                 t1 = time.time()
@@ -102,6 +102,7 @@ def main() -> None:
     p = sub.add_parser("validate")
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
     p.add_argument("--policies", nargs="+", default=["cpu", "cuda"])
+    p.add_argument("--phases", nargs="+", help="default: all three")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--wbits", type=int, default=2)
     p.add_argument("--e2e-accum", type=int, default=1, help="E2E-QP micro-batches per step")
