@@ -154,14 +154,15 @@ class OffloadConfig:
     work_dir: str | None = None  # None: <out>/work
     chunk_mb: float = 64  # MiB per read/compute/write chunk of the activation streams
     device: str = "auto"  # auto | cpu | cuda
-    io: str = "auto"  # activation-stream backend: auto | aio (DeepSpeed async_io, O_DIRECT) | mmap (docs/IO.md)
+    io: str = "auto"  # activation-stream backend: auto | aio (DeepSpeed async_io, O_DIRECT) | buffered (docs/IO.md)
     precision: str = "auto"  # dtype policy (frugal_qat/precision.py): auto (the device's) | cpu | cuda (forced)
     stream_dtype: str = "auto"  # activation streams: auto (fp16; bf16 for models that overflow it) | float16 | bfloat16
+    deterministic: bool = False  # bit-identical resume on CUDA too: deterministic algorithms, math SDPA (slower)
 
     def problems(self) -> list[str]:
         out = []
-        if self.io not in ("auto", "aio", "mmap"):
-            out.append(f"offload.io={self.io!r}; choose auto, aio or mmap")
+        if self.io not in ("auto", "aio", "buffered"):
+            out.append(f"offload.io={self.io!r}; choose auto, aio or buffered")
         if self.chunk_mb <= 0:
             out.append("offload.chunk_mb must be positive")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

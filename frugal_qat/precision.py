@@ -33,6 +33,8 @@ computed slowly by the CPU. Tests use it to check, with spies, that the layers r
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,3 +141,29 @@ def resolve(device: torch.device | str, policy: str = "auto", stream_dtype: str 
                          stream_dtype=stream)
     return Precision("cpu", train_autocast=None, nograd_autocast=None, e2e_dtype=torch.float32, e2e_autocast=None,
                      stream_dtype=stream)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Bit-identical results from run to run, and so across a kill and resume, on CUDA too (``--deterministic``).
+
+    On CPU every op we use is deterministic already (the kill tests compare bit for bit). On CUDA two things are
+    not: flash/memory-efficient attention's backward accumulates dQ with atomics, and cuBLAS may split reductions
+    by workspace. This turns on torch's deterministic algorithms, gives cuBLAS a fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, read when its handle is created, so set before the first matmul) and runs SDPA on
+    its math backend, which materialises the ``[b, heads, L, L]`` attention matrix (more memory and time: the
+    planner adds it when the run is deterministic). Our own Triton kernels reduce in a fixed order and need nothing.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before)

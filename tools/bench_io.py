@@ -1,10 +1,10 @@
-"""Activation-stream I/O of one Block-AP block, per backend (mmap, aio), against the disk's raw bandwidth (dd).
+"""Activation-stream I/O of one Block-AP block, per backend (buffered, aio), against the disk's raw bandwidth (dd).
 
     sudo .venv/bin/python tools/bench_io.py --dir /path/on/the/disk --json io.json
 
 One block's stream traffic, as block_ap/run.py does it: the fp stream updated in place (read + write, chunk by
 chunk), one epoch of training reads (quant and fp streams, batch by batch, read ahead on a thread), and the quant
-stream updated in place. The journal is left out (the same buffered writes for both backends). Raw bandwidth is
+stream updated in place (``ActivationStream.update``: reads ahead, writes behind on a thread). Raw bandwidth is
 ``dd`` with O_DIRECT on a file of one stream's size in the same directory, before and after the backends (the mean
 is used). The page cache is dropped before every phase (needs root; otherwise the numbers say so). "vs raw" is the
 time dd would need for the same bytes in the same directions divided by the measured time: 1.0 = disk speed.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from frugal_qat.offload.activations import chunk_samples, update_in_place
+from frugal_qat.offload.activations import ActivationStream, StreamGeometry, chunk_samples
 from frugal_qat.offload.aio import aio_available, open_stream
 from frugal_qat.offload.prefetch import prefetch
 
@@ -60,7 +60,7 @@ def phase(name: str, fn, read: int, written: int) -> dict:
     dropped = drop_caches()
     t, cpu = time.perf_counter(), time.process_time()
     fn()
-    os.sync()  # count write-back that is still pending (mmap) in the phase that caused it
+    os.sync()  # count write-back that is still pending (buffered) in the phase that caused it
     return {"phase": name, "seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
             "read": read, "written": written, "cache_dropped": dropped}
 
@@ -73,23 +73,24 @@ def score(row: dict, raw: dict) -> dict:
 
 
 def bench_backend(io: str, d: Path, shape: tuple[int, int, int], batch: int, chunk_mb: float) -> list[dict]:
-    fp = open_stream(d / f"fp_{io}.bin", shape, create=True, io=io)
-    qs = open_stream(d / f"quant_{io}.bin", shape, create=True, io=io)
     n, chunk = shape[0], chunk_samples(shape, chunk_mb)
+    geometry, rows = StreamGeometry(n, chunk, chunk), (n + chunk, *shape[1:])
+    fp = ActivationStream(open_stream(d / f"fp_{io}.bin", rows, create=True, io=io), geometry)
+    qs = ActivationStream(open_stream(d / f"quant_{io}.bin", rows, create=True, io=io), geometry)
     x = torch.randn(chunk, *shape[1:]).half()  # incompressible, reused: the data does not matter, its size does
     for s in range(0, n, chunk):
         fp.write(s, x[: min(chunk, n - s)])
         qs.write(s, x[: min(chunk, n - s)])
-    S = fp.nbytes
+    S = n * shape[1] * shape[2] * 2
 
     def train_epoch():
         for _ in prefetch(lambda a: (qs.read(a, a + batch), fp.read(a, a + batch)), range(0, n, batch), depth=2):
             pass
 
     rows = [
-        phase("fp update (read+write)", lambda: update_in_place(fp, lambda c: c, chunk, None, "fp"), S, S),
+        phase("fp update (read+write)", lambda: fp.update(lambda c: c, progress=d / "progress.json", tag="fp"), S, S),
         phase("train epoch (read both)", train_epoch, 2 * S, 0),
-        phase("quant update (read+write)", lambda: update_in_place(qs, lambda c: c, chunk, None, "q"), S, S),
+        phase("quant update (read+write)", lambda: qs.update(lambda c: c, progress=d / "progress.json", tag="q"), S, S),
     ]
     summed = {k: sum(r[k] for r in rows) for k in ("seconds", "cpu_seconds", "read", "written")}
     rows.append({"phase": "block total", **summed,
@@ -100,6 +101,7 @@ def bench_backend(io: str, d: Path, shape: tuple[int, int, int], batch: int, chu
     qs.close()
     (d / f"fp_{io}.bin").unlink()
     (d / f"quant_{io}.bin").unlink()
+    (d / "progress.json").unlink(missing_ok=True)
     return rows
 
 
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = shape[0] * shape[1] * shape[2] * 2
     args.dir.mkdir(parents=True, exist_ok=True)
     if not drop_caches():
-        print("warning: cannot drop the page cache (not root): mmap numbers include cached reads", file=sys.stderr)
+        print("warning: cannot drop the page cache (not root): buffered numbers include cached reads", file=sys.stderr)
     ok, why = aio_available(args.dir)  # builds the op now (first use: minutes), not inside a timed phase
-    backends = ["mmap", "aio"] if ok else ["mmap"]
+    backends = ["buffered", "aio"] if ok else ["buffered"]
     if not ok:
         print(f"warning: aio not measured: {why}", file=sys.stderr)
 

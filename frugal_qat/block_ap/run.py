@@ -37,6 +37,7 @@ from frugal_qat.block_ap.train_block import (
 from frugal_qat.checkpoint.run_dir import (
     extra_tensors,
     is_run_dir,
+    model_bytes,
     save_block,
     write_model_files,
 )
@@ -52,8 +53,10 @@ from frugal_qat.checkpoint.state import (
 )
 from frugal_qat.checkpoint.store import (
     atomic_save_tensors,
+    atomic_write_bytes,
     atomic_write_json,
     kill_point,
+    read_json,
     remove_partials,
 )
 from frugal_qat.config import RunConfig
@@ -68,7 +71,7 @@ from frugal_qat.distributed import (
     sum_floats,
 )
 from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch, TrainingDiverged
-from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
+from frugal_qat.offload.activations import ActivationStream, StreamFile, StreamGeometry, chunk_samples
 from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
@@ -168,24 +171,35 @@ def check_plan(src: ModelSource, cfg: RunConfig, device: torch.device, work: Pat
              phase.seconds / 3600)
 
 
-def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor, data_fp: str, restart: bool) -> Manifest:
-    """A new run directory, or the existing one if it is the same run (refusing with the differences otherwise)."""
-    model = {"path": str(src.dir), "fingerprint": src.store.fingerprint()}
-    data = {"calib": cfg.data.calib, "windows_sha256": data_fp, "shape": list(windows.shape)}
+def existing_run(out: Path, cfg: RunConfig, src: ModelSource, data_fp: str) -> Manifest | None:
+    """The manifest of the run already in ``out`` if it is this run (same model, data and result settings),
+    None if ``out`` holds no run; a different run is refused with the differences. Writes nothing."""
+    if not is_run_dir(out):
+        return None
+    m = load_manifest(out)
+    if m.command != "block-ap":
+        raise ResumeMismatch(f"{out} holds a {m.command} run, not a block-ap run; choose another --out")
+    diffs = diff_settings({k: m.config.get(k) for k in RESULT_KEYS}, {k: cfg.to_dict()[k] for k in RESULT_KEYS})
+    if m.model["fingerprint"] != src.store.fingerprint():
+        diffs.append(f"model: run was made from {m.model['path']}, whose files differ from {src.dir}")
+    if m.data["windows_sha256"] != data_fp:
+        diffs.append(f"data: the calibration windows differ from the run's ({m.data['calib']} -> {cfg.data.calib})")
+    if diffs:
+        raise ResumeMismatch(
+            f"{out} holds a different run ({'; '.join(diffs)}); use the same settings to resume, another --out, or --restart"
+        )
+    return m
+
+
+def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor, data_fp: str, restart: bool,
+             streams: dict) -> Manifest:
+    """A new run directory, or the existing one if it is the same run (refusing with the differences otherwise).
+    ``streams``: the activation streams' layout of a new run (spare rows, bases, dtype), kept in the manifest."""
     if is_run_dir(out) and restart:
         log.warning("--restart: deleting the previous run in %s", out)
         shutil.rmtree(out)
-    if is_run_dir(out):
-        m = load_manifest(out)
-        diffs = diff_settings({k: m.config.get(k) for k in RESULT_KEYS}, {k: cfg.to_dict()[k] for k in RESULT_KEYS})
-        if m.model["fingerprint"] != model["fingerprint"]:
-            diffs.append(f"model: run was made from {m.model['path']}, whose files differ from {src.dir}")
-        if m.data["windows_sha256"] != data_fp:
-            diffs.append(f"data: the calibration windows differ from the run's ({m.data['calib']} -> {cfg.data.calib})")
-        if diffs:
-            raise ResumeMismatch(
-                f"{out} holds a different run ({'; '.join(diffs)}); use the same settings to resume, another --out, or --restart"
-            )
+    m = existing_run(out, cfg, src, data_fp)
+    if m is not None:
         harmless = diff_settings(m.config.get("offload", {}), cfg.to_dict()["offload"], "offload.")
         for d in harmless:
             log.warning("setting changed on resume (the new value wins): %s", d)
@@ -195,23 +209,37 @@ def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor,
         return m
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(out / "calib.safetensors", {"windows": windows.to(torch.int32)})
-    m = Manifest(command="block-ap", config=cfg.to_dict(), model=model, data=data, extra={"blocks": []})
+    model = {"path": str(src.dir), "fingerprint": src.store.fingerprint()}
+    data = {"calib": cfg.data.calib, "windows_sha256": data_fp, "shape": list(windows.shape)}
+    m = Manifest(command="block-ap", config=cfg.to_dict(), model=model, data=data,
+                 extra={"blocks": [], "streams": streams})
     save_manifest(out, m)
     return m
 
 
-class RowSlice:
-    """Rows [lo, hi) of a stream seen as a stream of their own: one rank's share of an in-place update."""
+def open_run_stream(run_dir: str | Path, name: str) -> ActivationStream:
+    """Stream ``name`` ("fp" or "quant") of a run directory as its manifest places it (kept with ``keep_work``)."""
+    m = load_manifest(Path(run_dir))
+    layout, shape = m.extra["streams"], m.data["shape"]
+    work = Path(m.config["offload"]["work_dir"] or Path(run_dir) / "work")
+    hidden = ModelSource(m.model["path"]).hidden
+    file = StreamFile(work / f"{name}_stream.bin", (shape[0] + layout["spare"], shape[1], hidden),
+                      dtype=getattr(torch, layout["dtype"]))
+    return ActivationStream(file, StreamGeometry(shape[0], layout["spare"], layout[name]))
 
-    def __init__(self, stream: Stream, lo: int, hi: int):
-        self.stream, self.lo = stream, lo
-        self.shape = (hi - lo, *stream.shape[1:])
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        return self.stream.read(self.lo + start, self.lo + stop)
-
-    def write(self, start: int, x: torch.Tensor) -> None:
-        self.stream.write(self.lo + start, x)
+def finished_summary(out: Path, m: Manifest) -> dict:
+    """The summary of a finished run, re-run with the same command: nothing to do, nothing touched. A work
+    folder that a kill left behind after the run was marked done (its streams are only needed to resume) is
+    removed."""
+    work = Path(m.config["offload"]["work_dir"] or out / "work")
+    if work.is_dir() and not m.extra.get("keep_work"):
+        log.info("removing %s, left by a kill after the run finished", work)
+        shutil.rmtree(work, ignore_errors=True)
+    summary = read_json(out / "summary.json")
+    summary["already_complete"] = True
+    log.info("%s is already complete (block-ap finished %d blocks); nothing to do", out, len(summary["blocks"]))
+    return summary
 
 
 def _rss() -> int:
@@ -284,22 +312,30 @@ def run_block_ap(
     precision = run_precision(cfg, device, src)
     should_stop = agreed(should_stop)
     n_all, H, L = d.train_size + d.val_size, src.hidden, d.seqlen
-    stream_shape = (n_all, L, H)
-    chunk = chunk_samples(stream_shape, cfg.offload.chunk_mb)
+    data_fp = fingerprint_windows(windows)
+
+    # A finished run, started again with the same command: say so and touch nothing.
+    if not restart:
+        done = on_rank0(lambda: existing_run(out, cfg, src, data_fp))
+        if done is not None and done.progress.stage == "done":
+            return on_rank0(lambda: finished_summary(out, done))
 
     work = Path(cfg.offload.work_dir).resolve() if cfg.offload.work_dir else out / "work"
     check_plan(src, cfg, device, work, out)
 
-    # 2. Open or resume the run.
-    m = on_rank0(lambda: open_run(out, cfg, src, windows, fingerprint_windows(windows), restart))
+    # 2. Open or resume the run. A new run's streams: one chunk of spare rows each (see offload/activations.py).
+    chunk = chunk_samples((n_all, L, H), cfg.offload.chunk_mb, precision.stream_bytes)
+    new_layout = {"spare": chunk, "fp": chunk, "quant": chunk, "dtype": dtype_name(precision.stream_dtype)}
+    m = on_rank0(lambda: open_run(out, cfg, src, windows, data_fp, restart, new_layout))
     if m.progress.stage in ("fp_update", "q_update") and m.extra.get("world_size", 1) != world:
         raise ResumeMismatch(f"{out} stopped during a stream update on {m.extra.get('world_size', 1)} processes, "
-                             f"whose journals only that split can replay; resume it on that many, not {world}")
+                             f"whose progress only that split can continue; resume it on that many, not {world}")
     if world > 1:
         m.extra["world_size"] = world
     else:
         m.extra.pop("world_size", None)
-    new_streams = m.progress.stage == "embed"
+    layout = m.extra["streams"]
+    stream_dtype = getattr(torch, layout["dtype"])  # the run's files decide, whatever the settings say now
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
 
     def commit() -> None:
@@ -307,26 +343,38 @@ def run_block_ap(
         barrier()
         on_rank0(lambda: save_manifest(out, m))
 
-    # 3. The two activation streams: rows [0, train) train, rows [train, train+val) validate.
-    paths = (work / "fp_stream.bin", work / "quant_stream.bin")
-    if new_streams:
-        on_rank0(lambda: [Stream(path, stream_shape, create=True).close() for path in paths])
-    fp, qs = (open_stream(path, stream_shape, io=cfg.offload.io) for path in paths)  # --io aio|mmap|auto
-    # Each rank updates its own whole chunks of a stream, crash-safe through its own journal.
-    rows = shard_rows(n_all, chunk, rank, world)
-    journal = work / ("stream_journal.safetensors" if world == 1 else f"stream_journal.rank{rank}.safetensors")
-    fp_mine, qs_mine = (fp, qs) if world == 1 else (RowSlice(fp, *rows), RowSlice(qs, *rows))
+    # 3. The two activation streams: rows [0, train) train, rows [train, train+val) validate. Every file the
+    # manifest will name is made durable before the manifest names it (a power cut then loses no committed stage).
+    names = {"fp": work / "fp_stream.bin", "quant": work / "quant_stream.bin"}
+    file_shape = (n_all + layout["spare"], L, H)
+    if m.progress.stage == "embed":  # (re)created whole: a kill during creation or embedding leaves nothing to keep
+        on_rank0(lambda: [StreamFile(p, file_shape, create=True, dtype=stream_dtype).close() for p in names.values()])
+    fp, qs = (ActivationStream(open_stream(names[k], file_shape, dtype=stream_dtype, io=cfg.offload.io),
+                               StreamGeometry(n_all, layout["spare"], layout[k])) for k in ("fp", "quant"))
+    # Each rank updates its own whole chunks of a stream, recording its progress in its own file.
+    suffix = "" if world == 1 else f".rank{rank}"
+    progress, journal = work / f"stream_progress{suffix}.json", work / f"stream_journal{suffix}.safetensors"
+    rows = shard_rows(n_all, layout["spare"], rank, world) if world > 1 else None
     wait = WaitClock()
+
+    def update(stream: ActivationStream, name: str, fn) -> None:
+        """The shifted in-place update of one stream (this rank's rows); the new base is recorded at the commit."""
+        geometry = stream.update(fn, progress=progress, tag=f"block{i}-{name}", rows=rows, journal=journal,
+                                 before_writes=barrier, clock=wait)
+        m.extra["streams"][name] = geometry.base
 
     if m.progress.stage == "embed":
         mark("stage", "embed")
 
         def embed() -> None:
             emb = src.embed_weight()
-            for s in range(0, n_all, chunk):
-                x = src.embed(windows[s : s + chunk], emb).to(precision.stream_dtype)
+            for s in range(0, n_all, layout["spare"]):
+                x = src.embed(windows[s : s + layout["spare"]], emb).to(stream_dtype)
+                check_finite(x, 0, "embedding", precision)
                 fp.write(s, x)
                 qs.write(s, x)
+            fp.sync()
+            qs.sync()
 
         on_rank0(embed)
         m.progress = Progress(block=0, stage="fp_update")
@@ -352,7 +400,7 @@ def run_block_ap(
         def run(mod, xs: torch.Tensor, what: str) -> torch.Tensor:
             """A stream chunk through block i (no grad, the policy's no-grad dtype), checked before it is stored."""
             with torch.no_grad(), precision.nograd(device):
-                ys = torch.cat([runner(mod, i, to_device(xb)).to("cpu", precision.stream_dtype)
+                ys = torch.cat([runner(mod, i, to_device(xb)).to("cpu", stream_dtype)
                                 for xb in xs.split(b.micro_batch)])
             check_finite(ys, i, what, precision)
             return ys
@@ -360,7 +408,7 @@ def run_block_ap(
         # 4a. Targets: the full-precision block applied to the fp stream, in place.
         if m.progress.stage == "fp_update":
             mark("stage", "fp update")
-            update_in_place(fp_mine, lambda x: run(block, x, "fp"), chunk, journal, tag=f"block{i}-fp", clock=wait)
+            update(fp, "fp", lambda x: run(block, x, "fp"))
             kill_point("after_fp_update")
             m.progress.stage = "train"
             commit()
@@ -436,7 +484,7 @@ def run_block_ap(
         freeze_block(block)
         if m.progress.stage == "q_update":
             mark("stage", "quant update")
-            update_in_place(qs_mine, lambda x: run(block, x, "quant"), chunk, journal, tag=f"block{i}-quant", clock=wait)
+            update(qs, "quant", lambda x: run(block, x, "quant"))
             kill_point("after_q_update")
             m.progress.stage = "save"
             commit()
@@ -483,20 +531,9 @@ def run_block_ap(
     barrier()  # every rank has let go of the streams before rank 0 deletes them
 
     def finish() -> dict:
-        if m.progress.stage == "finalize":
-            mark("stage", "finalize")
-            extra = extra_tensors(src.store.get, src.store.has, src.tied)
-            write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size, src.arch.linears)
-            m.progress.stage = "done"
-            save_manifest(out, m)
-            shutil.rmtree(work / "ckpt", ignore_errors=True)
-            for j in work.glob("stream_journal*.safetensors"):
-                j.unlink()
-            if not keep_work:  # the streams are only needed to resume, and a finished run does not resume
-                fp.path.unlink(missing_ok=True)
-                qs.path.unlink(missing_ok=True)
-                if not any(work.iterdir()):
-                    work.rmdir()
+        mark("stage", "finalize")
+        extra = extra_tensors(src.store.get, src.store.has, src.tied)
+        write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size, src.arch.linears)
         summary = {
             "command": "block-ap",
             "wbits": q.wbits,
@@ -505,17 +542,20 @@ def run_block_ap(
             "seconds": round(time.time() - t_start, 3),
             "io_wait_seconds": round(wait.waited, 3),
             "peak_rss_bytes": max([x.get("peak_rss_bytes", 0) for x in m.extra.get("blocks", [])] + [peak_rss()]),
-            "output_bytes": sum(f.stat().st_size for f in out.glob("**/*.safetensors") if "work" not in f.parts
-                                and f.name != "calib.safetensors"),
+            "output_bytes": model_bytes(out),
             "device": str(device),
             "precision": precision.to_json(),
         }
         if world > 1:
             summary["world_size"] = world
-        with open(out / "metrics.jsonl", "w") as f:
-            for row in summary["blocks"]:
-                f.write(json.dumps(row) + "\n")
+        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in summary["blocks"]).encode())
         atomic_write_json(out / "summary.json", summary)
+        m.progress.stage = "done"
+        m.extra["keep_work"] = keep_work
+        save_manifest(out, m)  # the commit: every file above is durable, and a re-run is a no-op from here
+        kill_point("after_done")
+        if not keep_work:  # the streams, checkpoints and progress files are only needed to resume
+            shutil.rmtree(work, ignore_errors=True)
         return summary
 
     return on_rank0(finish)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
-from frugal_qat.checkpoint.store import atomic_save_tensors, atomic_write_json
+from frugal_qat.checkpoint.store import atomic_copy, atomic_save_tensors, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def write_model_files(run_dir: Path, source_dir: Path, config: dict[str, Any], e
     for name in TOKENIZER_FILES:
         src = Path(source_dir) / name
         if src.is_file():
-            shutil.copyfile(src, run_dir / name)
+            atomic_copy(src, run_dir / name)
     weight_map = {k: EXTRA_FILE for k in extra}
     from safetensors import safe_open
 
@@ -95,6 +94,14 @@ def extra_tensors(get, has, tie: bool) -> dict[str, torch.Tensor]:
     if not tie and has(LM_HEAD_KEY):
         out[LM_HEAD_KEY] = get(LM_HEAD_KEY).half()
     return out
+
+
+def model_bytes(run_dir: Path) -> int:
+    """Bytes of the quantized model a run directory holds: every safetensors file but the calibration windows and
+    the work folder (packed blocks, embeddings, norms, lm_head), the same figure for Block-AP and E2E-QP runs."""
+    run_dir = Path(run_dir)
+    return sum(f.stat().st_size for f in run_dir.glob("**/*.safetensors")
+               if f.relative_to(run_dir).parts[0] != "work" and f.name != "calib.safetensors")
 
 
 def is_run_dir(path: Path) -> bool:

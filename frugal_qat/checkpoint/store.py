@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,31 @@ def kill_point(name: str) -> None:
     if seen == int(nth or 1) or (seen > int(nth or 1) and os.environ.get("FRUGAL_QAT_KILL_SIGNAL") != "INT"):
         sig = signal.SIGINT if os.environ.get("FRUGAL_QAT_KILL_SIGNAL") == "INT" else signal.SIGKILL
         os.kill(os.getpid(), sig)
+
+
+def stage_log(mark: Callable[[str, object], None]) -> Callable[[str, object], None]:
+    """``mark`` (a run's :data:`~frugal_qat.planner.profile.Mark`), also appending where the run is to the file
+    named by ``FRUGAL_QAT_STAGE_FILE`` when it is set: one line ``block/stage`` per mark (``-`` for none), written
+    with one ``write`` to an O_APPEND file so it survives a SIGKILL whole. The random-kill harness
+    (``frugal_qat.checkpoint.chaos``) reads it to aim its kills and to report which stages they landed in."""
+    path = os.environ.get("FRUGAL_QAT_STAGE_FILE")
+    if not path:
+        return mark
+    where = {"block": "-", "stage": "-"}
+
+    def logged(kind: str, value: object) -> None:
+        mark(kind, value)
+        if kind in where:
+            where[kind] = "-" if value is None else str(value)
+            if kind == "block":
+                where["stage"] = "-"
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{where['block']}/{where['stage']}\n".encode())
+            finally:
+                os.close(fd)
+
+    return logged
 
 
 def _injected_enospc() -> bool:
@@ -90,6 +116,11 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
             f.write(data)
 
     _atomic_write(path, write)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """``src`` copied to ``dst`` durably: the copy is fsync'ed and renamed into place like every other write."""
+    _atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from frugal_qat import __version__
 from frugal_qat.errors import ConfigError, FrugalQATError
+from frugal_qat.precision import deterministic
 
 log = logging.getLogger("frugal_qat")
 
@@ -46,6 +47,7 @@ RUN_FLAGS = {
     "device": "offload.device",
     "precision": "offload.precision",
     "stream_dtype": "offload.stream_dtype",
+    "deterministic": "offload.deterministic",
 }
 
 
@@ -65,6 +67,7 @@ E2E_FLAGS = {
     "seed": "e2e_qp.seed",
     "device": "offload.device",
     "precision": "offload.precision",
+    "deterministic": "offload.deterministic",
 }
 
 
@@ -121,18 +124,20 @@ def _run_config(args, flags: dict[str, str] = RUN_FLAGS):
 @contextlib.contextmanager
 def _profiled(args, phase: str, plan_for: Callable[[], object], title: str):
     """With ``--profile PREFIX``: run the body under the memory profiler (PREFIX.json, PREFIX.png) with the
-    planner's prediction beside each measured peak, and print the per-block table. Yields the run's ``mark``."""
+    planner's prediction beside each measured peak, and print the per-block table. Yields the run's ``mark``
+    (which also logs the stages for the random-kill harness when FRUGAL_QAT_STAGE_FILE is set)."""
+    from frugal_qat.checkpoint.store import stage_log
     from frugal_qat.planner.profile import Profiler, format_profile, no_mark, predicted_peaks
 
     prefix = getattr(args, "profile", None)
     if not prefix or not _is_rank0():
-        yield no_mark
+        yield stage_log(no_mark)
         return
     prefix = Path(prefix)
     with Profiler(prefix.with_suffix(".json"), prefix.with_suffix(".png"), prediction=predicted_peaks(plan_for()),
                   title=title) as prof:
         prof.mark("phase", phase)
-        yield prof.mark
+        yield stage_log(prof.mark)
     print(format_profile(prof.result))
     print(f"profile: {prefix.with_suffix('.json')}, {prefix.with_suffix('.png')}")
 
@@ -162,7 +167,8 @@ def cmd_block_ap(args) -> int:
     stop = StopFlag()
     stop.install()
     with _block_ap_profile(args, model, cfg) as mark:
-        summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop, mark=mark)
+        with deterministic(cfg.offload.deterministic):
+            summary = run_block_ap(model, args.out, cfg, windows, restart=args.restart, should_stop=stop, mark=mark)
     _print_summary(summary, Path(args.out))
     return 0
 
@@ -184,7 +190,8 @@ def cmd_resume(args) -> int:
     stop = StopFlag()
     stop.install()
     with _block_ap_profile(args, Path(m.model["path"]), cfg) as mark:
-        summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop, mark=mark)
+        with deterministic(cfg.offload.deterministic):
+            summary = run_block_ap(m.model["path"], run, cfg, windows, should_stop=stop, mark=mark)
     _print_summary(summary, run)
     return 0
 
@@ -206,6 +213,10 @@ def _print_summary(summary: dict, out: Path) -> None:
     if not _is_rank0():
         return
     blocks = summary["blocks"]
+    if summary.get("already_complete"):
+        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, w{summary['wbits']}g{summary['group_size']}); "
+              "nothing to do")
+        return
     last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
     print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB; I/O wait {summary['io_wait_seconds']:.1f} s; "
@@ -250,9 +261,13 @@ def cmd_e2e_qp(args) -> int:
     title = (f"e2e-qp {run.name}: {e.train_size}x{e.seqlen} tokens, batch {e.batch_size} x accumulation "
              f"{e.grad_accum}, {device.type}")
     with _profiled(args, "e2e_qp", plan_for, title) as mark:
-        summary = run_e2e_qp(run, out, cfg, data, device=device, restart=args.restart, should_stop=stop,
-                             ds_config=args.deepspeed, mark=mark)
+        with deterministic(cfg.offload.deterministic):
+            summary = run_e2e_qp(run, out, cfg, data, device=device, restart=args.restart, should_stop=stop,
+                                 ds_config=args.deepspeed, mark=mark)
     if not _is_rank0():
+        return 0
+    if summary.get("already_complete"):
+        print(f"{out} is already complete (e2e-qp, {summary['steps']} steps); nothing to do")
         return 0
     losses = summary["losses"]
     print(f"E2E-QP: {summary['steps']} steps in {summary['seconds']:.1f} s with {summary['optimizer']}; "
@@ -380,12 +395,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="also checkpoint every K steps inside a block (default: epoch ends)")
     p.add_argument("--work-dir", help="where the activation streams live (default RUN/work)")
     p.add_argument("--chunk-mb", type=float, help="MiB per stream read/write chunk")
-    p.add_argument("--io", choices=["auto", "aio", "mmap"], help="activation-stream I/O backend (docs/IO.md)")
+    p.add_argument("--io", choices=["auto", "aio", "buffered"], help="activation-stream I/O backend (docs/IO.md)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "cpu", "cuda"],
                    help="dtype policy: the device's (auto), or another's forced (cuda on a CPU: tests)")
     p.add_argument("--stream-dtype", choices=["auto", "float16", "bfloat16"],
                    help="activation streams on disk (auto: fp16, bf16 for models whose activations overflow it)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical results across a kill and resume on CUDA too (slower attention backward)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=["auto", "cpu", "cuda"],
                    help="dtype policy: the device's (auto), or another's forced (cuda on a CPU: tests)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-identical results across a kill and resume on CUDA too (slower attention backward)")
     p.add_argument("--deepspeed", nargs="?", const=True, metavar="CONFIG.json",
                    help="data parallel on DeepSpeed ZeRO-2; a JSON merged over OUT/deepspeed_config.json")
     p.add_argument("--profile", metavar="PREFIX",
@@ -516,6 +535,46 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"frugal-qat: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"frugal-qat: error: {out_of_memory_message(args, e)}", file=sys.stderr)
+        return 2
+
+
+# The settings that shrink each command's GPU peak, mildest first (frugal-qat plan prints the same table).
+OOM_FIXES = {
+    "block-ap": "--grad-accum 2 (same results, half the activations), then --chunk-mb 16",
+    "resume": "resume with the same settings after freeing the GPU (other processes?); a smaller --grad-accum "
+              "split needs the same command with --grad-accum",
+    "e2e-qp": "--grad-accum 2x with --batch-size halved (same results), --logits-chunk 256",
+    "ppl": "--batch-size 1",
+    "lm-eval": "--batch-size 1",
+    "demo": "--device cpu",
+}
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def out_of_memory_message(args, e: BaseException) -> str:
+    """One line for a CUDA out-of-memory error: where, how much, what else holds the GPU, and the fix."""
+    import torch
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    held = ""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        held = f"; the GPU has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free now, this run peaked at {peak:.1f} GiB"
+    fix = OOM_FIXES.get(args.command, "a smaller batch")
+    return (f"out of GPU memory in `frugal-qat {args.command}` ({first}){held}; run `frugal-qat plan` for this model "
+            f"and settings to see what fits, then retry with {fix}; the run resumes where it stopped")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
-from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, block_file, save_block
+from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, model_bytes, save_block
 from frugal_qat.checkpoint.state import (
     Manifest,
     Progress,
@@ -37,7 +37,7 @@ from frugal_qat.checkpoint.state import (
     save_manifest,
     save_train_checkpoint,
 )
-from frugal_qat.checkpoint.store import atomic_write_json, kill_point, remove_partials
+from frugal_qat.checkpoint.store import atomic_copy, atomic_write_json, kill_point, read_json, remove_partials
 from frugal_qat.config import RunConfig
 from frugal_qat.distributed import (
     DS_CONFIG_FILE,
@@ -353,34 +353,53 @@ def run_e2e_qp(
         raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
-    mark("stage", "build model")
-    precision = resolve_precision(device, cfg.offload.precision)
-    model, src = build_packed_model(run_dir, device, precision.e2e_dtype)
     ids, labels = data
-    source = {"path": str(run_dir), "fingerprint": src.store.fingerprint()}
+    source = {"path": str(run_dir), "fingerprint": ModelSource(run_dir).store.fingerprint()}
     ckpt = out / "e2e_checkpoint.safetensors"  # single process: scales + optimizer state, one file
     ds_dir = out / "ds_checkpoint"  # DeepSpeed: one engine checkpoint per tag, the manifest names the valid one
     ds_run = None if ds_cfg is None else {"world_size": world, "zero_stage": ds_cfg["zero_optimization"].get("stage", 0)}
-
-    # Open or resume the output run (the same checks as Block-AP: other settings or data are refused).
     from frugal_qat.data.windows import fingerprint_windows
 
     data_fp = {"windows_sha256": fingerprint_windows(torch.cat([ids, labels]))}
 
+    def same_run() -> Manifest | None:
+        """The output run already in ``out`` if it is this one; another run is refused with the differences."""
+        if not (out / "manifest.json").is_file():
+            return None
+        m = load_manifest(out)
+        diffs = diff_settings({"e2e_qp": m.config.get("e2e_qp")}, {"e2e_qp": cfg.to_dict()["e2e_qp"]})
+        if m.model["fingerprint"] != source["fingerprint"]:
+            diffs.append(f"input run: was {m.model['path']}, whose files differ")
+        if m.data != data_fp:
+            diffs.append("data: the training sequences differ")
+        if (m.extra.get("deepspeed_tag") or ckpt.is_file()) and m.extra.get("deepspeed") != ds_run:
+            diffs.append(f"data parallel: checkpointed with DeepSpeed {m.extra.get('deepspeed')}, now {ds_run}")
+        if diffs:
+            raise ResumeMismatch(f"{out} holds a different E2E-QP run ({'; '.join(diffs)}); use another --out or --restart")
+        return m
+
+    if not restart:  # a finished run started again with the same command: say so, touch nothing
+        finished = on_rank0(same_run)
+        if finished is not None and finished.progress.stage == "done":
+            def noop() -> dict:
+                ckpt.unlink(missing_ok=True)  # left only by a kill between 'done' and its removal
+                shutil.rmtree(ds_dir, ignore_errors=True)
+                summary = read_json(out / "summary.json")
+                log.info("%s is already complete (E2E-QP, %d steps); nothing to do", out, summary["steps"])
+                return {**summary, "already_complete": True}
+
+            return on_rank0(noop)
+
+    mark("stage", "build model")
+    precision = resolve_precision(device, cfg.offload.precision)
+    model, src = build_packed_model(run_dir, device, precision.e2e_dtype)
+
+    # Open or resume the output run (the same checks as Block-AP: other settings or data are refused).
     def open_out() -> Manifest:
         if (out / "manifest.json").is_file() and restart:
             shutil.rmtree(out)
-        if (out / "manifest.json").is_file():
-            m = load_manifest(out)
-            diffs = diff_settings({"e2e_qp": m.config.get("e2e_qp")}, {"e2e_qp": cfg.to_dict()["e2e_qp"]})
-            if m.model["fingerprint"] != source["fingerprint"]:
-                diffs.append(f"input run: was {m.model['path']}, whose files differ")
-            if m.data != data_fp:
-                diffs.append("data: the training sequences differ")
-            if (m.extra.get("deepspeed_tag") or ckpt.is_file()) and m.extra.get("deepspeed") != ds_run:
-                diffs.append(f"data parallel: checkpointed with DeepSpeed {m.extra.get('deepspeed')}, now {ds_run}")
-            if diffs:
-                raise ResumeMismatch(f"{out} holds a different E2E-QP run ({'; '.join(diffs)}); use another --out or --restart")
+        m = same_run()
+        if m is not None:
             remove_partials(out)
         else:
             out.mkdir(parents=True, exist_ok=True)
@@ -493,32 +512,30 @@ def run_e2e_qp(
     bar.close()
 
     # Write the new run: the input's files, with every block's scales replaced.
-    final = {}
-    if m.progress.stage == "finalize":
-        final = {n: (p.detach() if engine is None else full_fp32(p)) for n, p in scales.items()}
+    final = {n: (p.detach() if engine is None else full_fp32(p)) for n, p in scales.items()}  # a collective
 
     def finish() -> dict:
-        if m.progress.stage == "finalize":
-            mark("stage", "write")
-            for i in range(src.n_layers):
-                tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
-                for name in src.arch.linears:
-                    tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
-                save_block(out, i, tensors)
-            for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
-                if (run_dir / name).is_file():
-                    shutil.copyfile(run_dir / name, out / name)
-            m.progress.stage = "done"
-            save_manifest(out, m)
-            ckpt.unlink(missing_ok=True)
-            shutil.rmtree(ds_dir, ignore_errors=True)
+        mark("stage", "write")
+        for i in range(src.n_layers):
+            tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
+            for name in src.arch.linears:
+                tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
+            save_block(out, i, tensors)
+        for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
+            if (run_dir / name).is_file():
+                atomic_copy(run_dir / name, out / name)
         summary = {"command": "e2e-qp", "steps": total, "losses": m.extra["losses"],
                    "seconds": round(time.time() - t_start, 3), "optimizer": type(optimizer).__name__,
-                   "device": str(device), "precision": precision.to_json(), "output_bytes": sum(block_file(out, i).stat().st_size for i in range(src.n_layers)),
+                   "device": str(device), "precision": precision.to_json(), "output_bytes": model_bytes(out),
                    "peak_rss_bytes": peak_rss()}
         if ds_run is not None:
             summary["deepspeed"] = ds_run
         atomic_write_json(out / "summary.json", summary)
+        m.progress.stage = "done"
+        save_manifest(out, m)  # the commit: every file above is durable; a re-run is a no-op from here
+        kill_point("after_done")
+        ckpt.unlink(missing_ok=True)
+        shutil.rmtree(ds_dir, ignore_errors=True)
         return summary
 
     return on_rank0(finish)

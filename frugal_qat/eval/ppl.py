@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from frugal_qat.offload.activations import Stream, chunk_samples, update_in_place
+from frugal_qat.offload.activations import ActivationStream, new_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import prefetch
 from frugal_qat.precision import Precision
@@ -27,13 +27,12 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def run_blocks(src: ModelSource, stream: Stream, device: torch.device, batch_size: int, chunk_mb: int,
+def run_blocks(src: ModelSource, stream: ActivationStream, device: torch.device, batch_size: int,
                desc: str = "eval", show: bool = True, precision: Precision | None = None) -> None:
     """stream <- block_{n-1}(...block_0(stream)), one block in memory, the next one read in the background.
     Blocks run under the policy's no-grad dtype (bf16 autocast over the fp32 stream on CUDA, fp32 on CPU)."""
     precision = precision or resolve_precision(device)
     runner = src.runner(device)
-    chunk = chunk_samples(stream.shape, chunk_mb, stream.itemsize)
     bar = tqdm(total=src.n_layers, desc=desc, unit="block", disable=not show, leave=False)
     for i, state in prefetch(src.block_state, range(src.n_layers), depth=1):
         block = src.block(i, state).to(device)
@@ -47,7 +46,7 @@ def run_blocks(src: ModelSource, stream: Stream, device: torch.device, batch_siz
                     outs.append(runner(block, i, xb).to("cpu", x.dtype))
             return torch.cat(outs)
 
-        update_in_place(stream, apply, chunk, journal=None, tag=f"eval-{i}")
+        stream.update(apply, progress=None, tag=f"eval-{i}")  # a scratch stream: nothing resumes from it
         del block, apply  # free this block before the next one is built
         bar.update(1)
     bar.close()
@@ -70,12 +69,12 @@ def perplexity(
     n, seqlen = windows.shape
     src = ModelSource(model_dir, seqlen=seqlen)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="frugal-eval-") as tmp:
-        stream = Stream(Path(tmp) / "hidden.bin", (n, seqlen, src.hidden), create=True, dtype=torch.float32)
+        stream = new_stream(Path(tmp) / "hidden.bin", (n, seqlen, src.hidden), chunk_mb, dtype=torch.float32)
         emb = src.embed_weight()
         for s in range(0, n, batch_size):
             stream.write(s, src.embed(windows[s : s + batch_size], emb).float())
         del emb
-        run_blocks(src, stream, device, batch_size, chunk_mb, show=show_progress)
+        run_blocks(src, stream, device, batch_size, show=show_progress)
         norm = src.final_norm().to(device)
         head = src.lm_head_weight().to(device, torch.float32)
         nll, count = 0.0, 0

@@ -1,8 +1,8 @@
 """Activation streams on DeepSpeed's async_io op (``--io aio``): O_DIRECT reads and writes through pinned buffers.
 
-:class:`AioStream` has exactly :class:`~frugal_qat.offload.activations.Stream`'s interface and file layout: the
-same ``N x L x H x itemsize`` bytes, samples packed back to back, so a run started with one backend resumes with
-the other. What differs is the path of the bytes: no page cache (O_DIRECT), no memory map, and reads and writes
+:class:`AioStream` has exactly :class:`~frugal_qat.offload.activations.StreamFile`'s interface and file layout:
+the same ``rows x L x H x itemsize`` bytes, samples packed back to back, so a run started with one backend resumes
+with the other. What differs is the path of the bytes: no page cache (O_DIRECT), no memory map, and reads and writes
 go in pieces of ``piece`` bytes through two page-locked buffers, so the disk fills one while the CPU copies the
 other out (reads) or in (writes). Pinned memory is ``2 x piece`` (16 MiB by default) whatever the chunk size.
 
@@ -18,6 +18,10 @@ a multiple of DeepSpeed's 512-byte alignment). Sample boundaries need not be ali
 DeepSpeed's op does not report per-request errors (it ignores each AIO completion's result), only a file that
 cannot be opened. So the file's size is checked at open and every request lies inside the file and is aligned,
 which leaves no expected source of a short or refused request.
+
+No build inside a run: ``--io auto`` uses async_io only when the op is already built (``tools/setup.sh`` builds it
+once, about 3 minutes on 2 cores, with a progress line; or ``python -m frugal_qat.offload.aio``), else buffered
+files, and says how to build it. An explicit ``--io aio`` builds it when needed, saying so before it starts.
 """
 
 from __future__ import annotations
@@ -39,20 +43,43 @@ import torch
 
 from frugal_qat.checkpoint.store import kill_point
 from frugal_qat.errors import ConfigError, CorruptCheckpoint
-from frugal_qat.offload.activations import Stream, init_stream_file
+from frugal_qat.offload.activations import StreamFile, init_stream_file
 
 log = logging.getLogger(__name__)
 
-IO_CHOICES = ("auto", "aio", "mmap")
+IO_CHOICES = ("auto", "aio", "buffered")
 ALIGN = 4096
 STALE_LOCK_S = 15 * 60  # a JIT build of async_io takes ~3 min on 2 cores; 5x that has no live owner
 MiB = 2**20
-_FIX = "apt-get install -y libaio-dev (DeepSpeed async_io needs libaio's headers and .so), or use --io mmap"
+_FIX = "apt-get install -y libaio-dev (DeepSpeed async_io needs libaio's headers and .so), or use --io buffered"
+BUILD_HINT = "build it once with `python -m frugal_qat.offload.aio` (about 3 min on 2 cores; tools/setup.sh does it)"
+
+
+def _extensions_dir() -> Path:
+    """Where torch builds DeepSpeed's ops: TORCH_EXTENSIONS_DIR, set to the virtual environment's own folder when
+    unset (builds for other venvs, whose paths are baked into build.ninja, then neither rebuild over each other nor
+    leave this one a lock to wait on)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def aio_built() -> bool:
+    """Whether DeepSpeed's async_io op loads without a build: installed prebuilt, or JIT-built here before."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("async_io")) or (_extensions_dir() / "async_io" / "async_io.so").is_file()
 
 
 @functools.cache
 def _load_op() -> tuple[Any, str]:
-    """DeepSpeed's built async_io module, or ``None`` and the reason.
+    """DeepSpeed's async_io module (built on first use), or ``None`` and the reason.
 
     Cached because the extension loads once per process anyway, and a failed build must not be retried (and its
     minutes paid) for every stream.
@@ -64,13 +91,10 @@ def _load_op() -> tuple[Any, str]:
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):
         return None, f"DeepSpeed async_io cannot be built here: {_FIX}"
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
-        # Build into the virtual environment, not the user-wide cache: builds for other venvs (whose paths are
-        # baked into build.ninja) then neither rebuild over each other nor leave this one a lock to wait on.
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    where = _extensions_dir()
     clear_stale_build_locks()
-    log.info("loading DeepSpeed async_io; its first use JIT-builds it (about 3 min on 2 cores, cached in %s)",
-             os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
+    if not aio_built():
+        log.warning("building DeepSpeed async_io now (once; about 3 min on 2 cores, cached in %s)", where)
     try:
         return builder.load(verbose=False), ""
     except Exception as e:  # compiler and loader failures come in many types; all mean "not available"
@@ -117,18 +141,21 @@ def _memlock_limit() -> int | None:
     return None if os.geteuid() == 0 or soft == resource.RLIM_INFINITY else soft
 
 
-def aio_available(directory: str | Path | None = None) -> tuple[bool, str]:
+def aio_available(directory: str | Path | None = None, build: bool = True) -> tuple[bool, str]:
     """Whether :class:`AioStream` can be used (with files in ``directory``, if given), and if not, why.
 
-    Checks that DeepSpeed's async_io op loads (building it on first use), that enough memory may be page-locked,
-    and that ``directory``'s filesystem accepts O_DIRECT (tmpfs and some network filesystems do not).
+    Checks that DeepSpeed's async_io op loads (building it first when ``build``, else refusing an op not built
+    yet), that enough memory may be page-locked, and that ``directory``'s filesystem accepts O_DIRECT (tmpfs and
+    some network filesystems do not).
     """
+    if not build and not aio_built():
+        return False, f"DeepSpeed async_io is not built; {BUILD_HINT}"
     op, why = _load_op()
     if op is None:
         return False, why
     if piece_bytes(_memlock_limit()) == 0:
         return False, (f"the locked-memory limit (ulimit -l) is {_memlock_limit() // 1024} KiB, async_io needs at "
-                       "least 4 MiB: raise it (ulimit -l unlimited; docker --ulimit memlock=-1) or use --io mmap")
+                       "least 4 MiB: raise it (ulimit -l unlimited; docker --ulimit memlock=-1) or use --io buffered")
     if directory is not None:
         try:
             fd, probe = tempfile.mkstemp(dir=directory, prefix=".odirect-probe-")
@@ -141,24 +168,25 @@ def aio_available(directory: str | Path | None = None) -> tuple[bool, str]:
             if e.errno != errno.EINVAL:
                 raise
             return False, (f"the filesystem of {directory} does not support O_DIRECT; put the work dir on a disk "
-                           "or use --io mmap")
+                           "or use --io buffered")
     return True, ""
 
 
 def open_stream(path: str | Path, shape: tuple[int, int, int], create: bool = False, dtype=torch.float16,
-                io: str = "auto") -> Stream | AioStream:
-    """Open an activation stream with the ``io`` backend: ``aio``, ``mmap``, or ``auto`` (aio when available)."""
+                io: str = "auto") -> StreamFile | AioStream:
+    """Open a stream file with the ``io`` backend: ``aio``, ``buffered``, or ``auto`` (aio when already built and
+    usable here, buffered otherwise: a run never waits minutes for a build it did not ask for)."""
     if io not in IO_CHOICES:
         raise ConfigError(f"offload.io={io!r}; choose one of {', '.join(IO_CHOICES)}")
-    if io == "mmap":
-        return Stream(path, shape, create, dtype)
-    ok, why = aio_available(Path(path).parent)
+    if io == "buffered":
+        return StreamFile(path, shape, create, dtype)
+    ok, why = aio_available(Path(path).parent, build=io == "aio")
     if ok:
         return AioStream(path, shape, create, dtype)
     if io == "aio":
         raise ConfigError(f"--io aio is not available: {why}")
-    log.info("activation stream %s uses memory maps, not DeepSpeed async_io: %s", Path(path).name, why)
-    return Stream(path, shape, create, dtype)
+    log.info("activation stream %s uses buffered files, not DeepSpeed async_io: %s", Path(path).name, why)
+    return StreamFile(path, shape, create, dtype)
 
 
 def _up(n: int) -> int:
@@ -181,7 +209,7 @@ class AioStream:
         piece = piece_bytes(_memlock_limit()) if piece is None else piece
         if piece <= 0 or piece % ALIGN:
             raise ConfigError(f"async_io buffer size {piece} bytes is not a positive multiple of {ALIGN} "
-                              "(is ulimit -l below 4 MiB?); raise ulimit -l or use --io mmap")
+                              "(is ulimit -l below 4 MiB?); raise ulimit -l or use --io buffered")
         init_stream_file(self, path, shape, create, dtype)
         self._name = str(self.path)
         self._direct_end = self.nbytes - self.nbytes % ALIGN  # past this, a partial block: pread/pwrite
@@ -222,15 +250,14 @@ class AioStream:
         raw = x.view(-1).view(torch.uint8).numpy()
         lo, hi = self._bytes(start, stop)
         mid = self._bytes(start, start + x.shape[0] // 2)[1]
-        # Half the rows first: a kill between the two halves is a torn chunk, the case the journal must repair.
+        # Half the rows first: a kill between the two halves leaves a torn chunk, which resume must survive.
         with self._lock:
             self._write_from(lo, mid, raw[: mid - lo])
         kill_point("stream_write")
         with self._lock:
             self._write_from(mid, hi, raw[mid - lo :])
-        self.flush(start, stop)
 
-    def flush(self, start: int = 0, stop: int | None = None) -> None:
+    def sync(self) -> None:
         """Make written samples durable. O_DIRECT data is already out of RAM; this flushes the disk's cache (and
         the ragged tail), for the whole file: fdatasync has no range."""
         os.fdatasync(self._fd)
@@ -317,3 +344,10 @@ class AioStream:
         self._submit(self._handle.async_pread, self._bufs[0][:ALIGN], offset)
         self._wait()
         return self._views[0][:ALIGN].copy()
+
+
+if __name__ == "__main__":  # python -m frugal_qat.offload.aio: build the op once, so no run ever waits for it
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok, why = aio_available()
+    print(f"DeepSpeed async_io: {'ready' if ok else 'not available: ' + why}")
+    sys.exit(0 if ok else 1)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from frugal_qat.block_ap.run import run_block_ap
+from frugal_qat.block_ap.run import open_run_stream, run_block_ap
 from frugal_qat.config import resolve
 from frugal_qat.eval.ppl import perplexity, run_blocks
-from frugal_qat.offload.activations import Stream
+from frugal_qat.offload.activations import new_stream
 from frugal_qat.offload.blocks import ModelSource
 
 
@@ -38,10 +38,10 @@ def test_block_ap_beats_rtn_and_reloads_exactly(tiny_llama, tmp_path):
     # trained, frozen and propagated is exactly what the packed files compute.
     run = tmp_path / "run"
     src = ModelSource(run)
-    qs = Stream(run / "work" / "quant_stream.bin", (12, 32, 64))
-    scratch = Stream(tmp_path / "scratch.bin", (12, 32, 64), create=True)
+    qs = open_run_stream(run, "quant")
+    scratch = new_stream(tmp_path / "scratch.bin", (12, 32, 64), chunk_mb=0.01)
     scratch.write(0, src.embed_weight()[windows].half())
-    run_blocks(src, scratch, torch.device("cpu"), batch_size=2, chunk_mb=1, show=False)
+    run_blocks(src, scratch, torch.device("cpu"), batch_size=2, show=False)
     assert torch.equal(scratch.read(0, 12), qs.read(0, 12))
 
     # On held-out tokens too, the last hidden state is closer to the full-precision model's than RTN's is.
@@ -51,9 +51,9 @@ def test_block_ap_beats_rtn_and_reloads_exactly(tiny_llama, tmp_path):
 
     def last_hidden(model_dir):
         src = ModelSource(model_dir)
-        st = Stream(tmp_path / f"h-{model_dir.name}.bin", (6, 32, 64), create=True, dtype=torch.float32)
+        st = new_stream(tmp_path / f"h-{model_dir.name}.bin", (6, 32, 64), chunk_mb=0.01, dtype=torch.float32)
         st.write(0, src.embed_weight()[held_out].float())
-        run_blocks(src, st, torch.device("cpu"), batch_size=2, chunk_mb=1, show=False)
+        run_blocks(src, st, torch.device("cpu"), batch_size=2, show=False)
         return st.read(0, 6)
 
     ref = last_hidden(tiny_llama)

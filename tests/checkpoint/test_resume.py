@@ -1,4 +1,5 @@
-"""Kill a real Block-AP process at many points, resume it, and require bit-identical results."""
+"""Kill a real Block-AP process, anywhere, again and again; every resume ends bit-identical to an uninterrupted run,
+and a finished run started again is a no-op."""
 
 import os
 import signal
@@ -8,45 +9,46 @@ from pathlib import Path
 
 import pytest
 
+from frugal_qat.checkpoint.chaos import chaos, env_without_faults, result_files, run_to_completion, snapshot
 from tests.conftest import CORPUS, save_tiny_model
 
 ARGS = ["--wbits", "2", "--group-size", "32", "--train-size", "8", "--val-size", "4", "--seqlen", "32",
         "--epochs", "2", "--batch-size", "2", "--chunk-mb", "0.01", "--ckpt-every", "3", "--device", "cpu",
         "--quant-lr", "5e-3", "--weight-lr", "1e-3"]
 
-# (kill point, visit): every stage of a run, several of them in narrow windows.
-KILLS = [
-    ("read_weights", 3),  # while reading block 0's tensors
-    ("stream_write", 2),  # while embedding into the streams
-    ("stream_update", 2),  # fp stream update of block 0, after journaling chunk 1
-    ("stream_write", 9),  # a torn chunk in the middle of an in-place update
-    ("after_fp_update", 1),  # fp stream done, manifest not yet updated
-    ("train_checkpoint", 1),  # while writing a mid-epoch checkpoint
-    ("atomic_write", 8),  # a checkpoint or manifest half written (temporary file)
-    ("train_checkpoint", 3),  # at an epoch end
-    ("stream_update", 11),  # quant stream update of block 0
-    ("after_q_update", 1),
-    ("save_block", 1),  # packing and saving block 0
-    ("read_weights", 14),  # while block 1 is read in the background (block 0 has 9 tensors)
-    ("save_block", 2),  # packing and saving the last block
-    ("manifest", 8),  # while writing the manifest of the last block's commit
+# Named kill points in narrow windows that random kills rarely hit, one per restart of the same run (a process
+# counts its own visits from 1), in the order the run reaches them.
+SEQUENCE = [
+    "stream_write@3",  # embedding the windows into the streams
+    "read_weights@3",  # reading block 0's tensors in the background
+    "stream_write@3",  # block 0's fp stream update: a torn chunk (first half of its rows written)
+    "stream_sync@2",  # fp update: chunk 2 durable, not yet recorded done
+    "after_fp_update@1",  # the update complete, the manifest not yet advanced
+    "train_checkpoint@1",  # writing a mid-epoch training checkpoint
+    "atomic_write@2",  # a checkpoint or manifest half written (its temporary file)
+    "stream_update@2",  # the quant stream update, with writes queued behind the compute
+    "stream_sync@5",  # quant update: its last chunks
+    "save_block@1",  # packing and saving block 0
+    "read_weights@5",  # block 1 read in the background
+    "manifest@3",  # a manifest write
+    "save_block@1",  # block 1
+    "after_done@1",  # finished, the work folder not yet removed
 ]
 
 
 def _env(cache: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRUGAL_QAT_KILL")}
+    env = env_without_faults()
     env.update({"FRUGAL_QAT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}, **extra)
     return env
 
 
+def _cmd(model, out, calib) -> list[str]:
+    return [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(out), "--calib",
+            str(calib), *ARGS]
+
+
 def _run(model, out, calib, cache, **env):
-    cmd = [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(out), "--calib", str(calib)]
-    return subprocess.run(cmd + ARGS, env=_env(cache, **env), capture_output=True, text=True, timeout=600)
-
-
-def _result(run: Path) -> dict[str, bytes]:
-    files = sorted(run.glob("blocks/*.safetensors")) + [run / "model-extra.safetensors"]
-    return {f.name: f.read_bytes() for f in files}
+    return subprocess.run(_cmd(model, out, calib), env=_env(cache, **env), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +58,54 @@ def setup(tmp_path_factory):
     calib = root / "calib.txt"
     calib.write_text(CORPUS * 60)
     cache = root / "cache"
-    ref = _run(model, root / "reference", calib, cache)
+    ref, events = run_to_completion(_cmd(model, root / "reference", calib), _env(cache))
     assert ref.returncode == 0, ref.stderr[-2000:]
-    return root, model, calib, cache, _result(root / "reference")
+    return root, model, calib, cache, result_files(root / "reference"), events
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point,visit", KILLS, ids=[f"{p}@{v}" for p, v in KILLS])
-def test_kill_and_resume_is_bit_identical(setup, point, visit):
-    root, model, calib, cache, reference = setup
-    out = root / f"run-{point}-{visit}"
-    killed = _run(model, out, calib, cache, FRUGAL_QAT_KILL_AT=f"{point}@{visit}")
-    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}@{visit}: {killed.stderr[-1500:]}"
+def test_kills_at_every_narrow_window_in_sequence_resume_bit_identical(setup):
+    root, model, calib, cache, reference, _ = setup
+    out = root / "run-sequence"
+    for point in SEQUENCE:
+        killed = _run(model, out, calib, cache, FRUGAL_QAT_KILL_AT=point)
+        assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-1500:]}"
     resumed = _run(model, out, calib, cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _result(out) == reference
+    assert result_files(out) == reference
+    assert not (out / "work").exists(), "the work folder a kill left after 'done' is removed by the next start"
+
+
+@pytest.mark.slow
+def test_random_kills_hit_every_stage_and_resume_bit_identical(setup):
+    """The chaos harness: seeded random SIGKILLs aimed at every stage of the run, then the same command until it
+    completes; the result equals the uninterrupted run's bit for bit."""
+    root, model, calib, cache, reference, events = setup
+    out = root / "run-chaos"
+    report = chaos(_cmd(model, out, calib), _env(cache), events, kills=9, seed=11, max_delay=0.3)
+    print(report.table())
+    assert report.completed, report.final.stderr[-2000:]
+    assert report.stages_hit >= {"embed", "fp update", "train", "quant update", "save", "finalize"}, report.table()
+    assert result_files(out) == reference
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_is_a_no_op(setup):
+    root, model, calib, cache, reference, _ = setup
+    out = root / "reference"
+    before = snapshot(out)
+    again = _run(model, out, calib, cache)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete" in again.stdout + again.stderr and str(out) in again.stdout
+    resumed = subprocess.run([sys.executable, "-m", "frugal_qat", "resume", str(out)], env=_env(cache),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "already complete" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    assert snapshot(out) == before, "a finished run was touched"
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_at_a_safe_point_and_resumes(setup):
-    root, model, calib, cache, reference = setup
+    root, model, calib, cache, reference, _ = setup
     out = root / "run-sigint"
     stopped = _run(model, out, calib, cache, FRUGAL_QAT_KILL_AT="stream_update@3", FRUGAL_QAT_KILL_SIGNAL="INT")
     assert stopped.returncode == 2
@@ -83,15 +113,23 @@ def test_ctrl_c_stops_at_a_safe_point_and_resumes(setup):
     resumed = subprocess.run([sys.executable, "-m", "frugal_qat", "resume", str(out)], env=_env(cache),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _result(out) == reference
+    assert result_files(out) == reference
 
 
 @pytest.mark.slow
-def test_other_settings_on_an_existing_run_are_refused(setup):
-    root, model, calib, cache, _ = setup
-    out = root / "reference"
-    cmd = [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(out), "--calib", str(calib)]
+def test_a_damaged_stream_is_named_and_other_settings_are_refused(setup):
+    root, model, calib, cache, _, _ = setup
+    out = root / "run-damaged"
+    killed = _run(model, out, calib, cache, FRUGAL_QAT_KILL_AT="after_fp_update@1")
+    assert killed.returncode == -signal.SIGKILL
+    stream = out / "work" / "quant_stream.bin"
+    os.truncate(stream, stream.stat().st_size // 2)
+    r = _run(model, out, calib, cache)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(stream) in r.stderr and "truncated" in r.stderr and "--restart" in r.stderr
+
     args = [a if a != "2" or i != 1 else "3" for i, a in enumerate(ARGS)]  # --wbits 3
+    cmd = [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(out), "--calib", str(calib)]
     r = subprocess.run(cmd + args, env=_env(cache), capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     assert "quant.wbits: run has 2, now 3" in r.stderr and "--restart" in r.stderr

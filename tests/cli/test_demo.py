@@ -47,3 +47,7 @@ def test_demo_runs_every_step_and_prints_the_table(tmp_path, monkeypatch, capsys
         summary = json.loads((tmp_path / "demo" / run / "summary.json").read_text())
         assert r["seconds"] == summary["seconds"] and r["peak_rss_bytes"] == summary["peak_rss_bytes"] > 0
     assert (tmp_path / "demo" / "run-w3g32-e2e-qp" / "summary.json").is_file()
+    # Size on disk counts the same files in every quantized row (packed blocks, embeddings, norms, lm_head): an
+    # E2E-QP run holds exactly the tensors of its Block-AP run, with other scale values.
+    sizes = {r["method"]: r["bytes"] for r in results["rows"]}
+    assert sizes["+ E2E-QP w3g32"] == sizes["Block-AP w3g32"] == sizes["RTN w3g32"]

@@ -24,3 +24,12 @@ def test_recipe_resolves_and_matches_its_name(path):
         assert (cfg.quant.wbits, cfg.quant.group_size) == (int(m[1]), int(m[2]))
     if path.stem.startswith(("llama", "smollm2", "demo")):
         assert "e2e_qp" in load_recipe(path), "a model recipe carries its E2E-QP step too"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_commands_in_recipe_comments_name_known_models(path):
+    """A recipe's comment that says `frugal-qat plan --model NAME` must name a config `plan` knows."""
+    from frugal_qat.planner import list_known_models
+
+    for name in re.findall(r"plan --model (\S+)", path.read_text()):
+        assert name in list_known_models(), f"{path.name} tells users `plan --model {name}`, which plan does not know"

@@ -190,7 +190,7 @@ def test_profile_flag_marks_every_block_and_stage_of_block_ap_and_e2e_qp(tmp_pat
     run, prof = tmp_path / "run", tmp_path / "prof" / "bap"
     assert main(["block-ap", "--model", str(model), "--out", str(run), "--calib", str(calib), "--wbits", "2",
                  "--group-size", "32", "--train-size", "4", "--val-size", "2", "--seqlen", "16", "--epochs", "1",
-                 "--device", "cpu", "--io", "mmap", "--profile", str(prof)]) == 0
+                 "--device", "cpu", "--io", "buffered", "--profile", str(prof)]) == 0
     r = json.loads(prof.with_suffix(".json").read_text())
     assert prof.with_suffix(".png").stat().st_size > 10_000
     kinds = {(s["kind"], s["value"]) for s in r["segments"]}

@@ -1,10 +1,16 @@
-"""The packed linear layer's torch path (the oracle): forward, custom backward, memory structure, module API."""
+"""The packed linear layer's tiled torch path (the oracle): forward, custom backward, memory, chooser, module API."""
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from frugal_qat.quantizer.packed import PackedLinear, packed_linear
-from frugal_qat.quantizer.packing import pack_linear
+from frugal_qat.quantizer import kernel_configs as kc
+from frugal_qat.quantizer import packed
+from frugal_qat.quantizer.packed import PackedLinear, choose_backend, packed_linear, packed_matmul_transients
+from frugal_qat.quantizer.packing import pack_linear, pack_rows, unpack_rows
 from frugal_qat.quantizer.primitives import dequantize
 
 BITS = (2, 3, 4, 8)
@@ -193,3 +199,138 @@ def test_from_packed_rejects_bad_tensors():
     with pytest.raises(ValueError, match="backend"):
         packed_linear(torch.randn(2, 64), tensors["qweight"], tensors["qzeros"], tensors["scales"], 4, 32,
                       backend="cuda")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("count", (32, 100, 7))
+def test_unpack_codes_equals_unpack_rows(bits, count):
+    """The matmul path's int32 unpack against the reference, on a column slice and on a transposed view."""
+    codes = torch.randint(0, 2**bits, (count, 45), dtype=torch.uint8)
+    words = pack_rows(codes, bits)
+    wide = torch.cat([torch.zeros_like(words), words, torch.zeros_like(words)], 1)[:, 45:90]  # strided columns
+    got = packed.unpack_codes(wide, bits, count)
+    assert got.dtype == torch.int32 and torch.equal(got, unpack_rows(words, bits, count).to(torch.int32))
+    got_t = packed.unpack_codes(words.t().contiguous().t(), bits, count)
+    assert torch.equal(got_t, codes.to(torch.int32))
+
+
+def test_forward_tiles_columns_and_backward_tiles_rows(monkeypatch):
+    """Forward: complete matmuls over all K rows into column slices of y; backward: row tiles of W for dL/dx."""
+    tensors, codes, scale, zero = make_packed(96, 256, 4, 64)
+    calls = []
+    real_mm = torch.mm
+
+    def spy(a, b, *, out=None):
+        calls.append((tuple(a.shape), tuple(b.shape), out is not None))
+        return real_mm(a, b, out=out)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    x = torch.randn(5, 256, requires_grad=True)
+    scales = tensors["scales"].float().requires_grad_()
+    y = packed_linear(x, tensors["qweight"], tensors["qzeros"], scales, 4, 64, tile_rows=64, backend="torch")
+    # 64 rows' worth of weights = 64 * 96 / 256 = 24 columns, rounded to 32: three column tiles of all 256 rows.
+    assert calls == [((5, 256), (256, 32), True)] * 3
+    calls.clear()
+    y.backward(torch.ones_like(y))
+    assert calls == [((5, 96), (96, 64), True)] * 4  # dL/dx: 4 row tiles of W^T (dL/dW goes through @)
+    torch.testing.assert_close(y, x.detach() @ dequantize(codes, scale, zero, 64).t(), rtol=1e-5, atol=1e-5)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage allocated inside the mode and still alive, and their peak. Allocations inside an op's
+    kernel (below the dispatcher) are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = set()
+
+    def _free(self, ptr, nbytes):
+        self.storages.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if nbytes and ptr not in inputs and ptr not in self.storages:  # a new allocation, not a view
+                self.storages.add(ptr)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr, nbytes)
+        return out
+
+
+def test_transients_bound_the_measured_cpu_peaks():
+    """packed_matmul_transients (CPU, default tiles) against the live bytes of a real forward and backward."""
+    K, N, M = 1024, 768, 64
+    tensors, *_ = make_packed(N, K, 2, 32)
+    x = torch.randn(M, K, requires_grad=True)
+    scales = tensors["scales"].float().requires_grad_()
+    predicted = packed_matmul_transients(K, N, M, 4, "cpu")
+    with LiveBytes() as mem:
+        y = packed_linear(x, tensors["qweight"], tensors["qzeros"], scales, 2, 32)
+        forward = mem.peak - y.numel() * 4
+        grad_y = torch.ones_like(y)
+        start = mem.peak = mem.live
+        y.backward(grad_y)
+        backward = mem.peak - start - (M * K + scales.numel()) * 4  # less dL/dx and dL/ds
+    assert 0.9 * predicted["forward"] <= forward <= predicted["forward"], (forward, predicted)
+    assert 0.9 * predicted["backward"] <= backward <= predicted["backward"], (backward, predicted)
+
+
+def test_transients_of_the_70b_layers_on_cuda():
+    """E2E-QP's micro-batch (16384 tokens, bf16): each layer is dequantized whole, once (one bf16 tile at a time);
+    generation-sized calls only hold the fused kernels' fp32 partial sums."""
+    for K, N in ((8192, 8192), (8192, 1024), (8192, 28672), (28672, 8192)):
+        assert packed_matmul_transients(K, N, 16384, 2, "cuda") == {"forward": 2 * K * N, "backward": 2 * K * N}
+    small = packed_matmul_transients(28672, 8192, 16, 2, "cuda")
+    split = kc.plan_matmul(16, 8192, 28672).split
+    assert small["forward"] == 4 * (split + 1) * 16 * 8192 and small["backward"] < 28672 * 8192 // 2
+    # The CPU path keeps 512-row tiles, as the planner's CPU terms assume (8 bytes per tile weight, plus zeros).
+    cpu = packed_matmul_transients(28672, 8192, 16384, 4, "cpu")
+    assert 8 * 512 * 8192 <= cpu["backward"] <= 9 * 512 * 8192 + 16384 * 512 * 4
+
+
+def test_chooser_picks_by_shape():
+    bf16 = torch.bfloat16
+    assert choose_backend(1, "cuda", bf16, 64, has_triton=True) == "triton"
+    assert choose_backend(packed.FUSED_MAX_TOKENS, "cuda", bf16, 128, has_triton=True) == "triton"
+    assert choose_backend(packed.FUSED_MAX_TOKENS + 1, "cuda", bf16, 64, has_triton=True) == "torch"
+    assert choose_backend(16384, "cuda", bf16, 64, has_triton=True) == "torch"
+    assert choose_backend(1, "cpu", bf16, 64, has_triton=True) == "torch"
+    assert choose_backend(1, "cuda", bf16, 64, has_triton=False) == "torch"
+    assert choose_backend(1, "cuda", torch.float16, 64, has_triton=True) == "torch"  # binaries are bf16 only
+    assert choose_backend(1, "cuda", torch.float32, 64, has_triton=True) == "torch"
+    assert choose_backend(1, "cuda", bf16, 20, has_triton=True) == "torch"  # the fused K step is 32 rows
+
+
+def test_tiled_path_runs_at_70b_token_counts_on_meta():
+    """x of 80000 x 28672 (more than 2^31 elements): the tiled path's index arithmetic is Python / torch (64-bit),
+    so the forward and backward run on meta tensors with the right shapes."""
+    K, N, bits, g = 28672, 8192, 2, 64
+    meta = dict(device="meta")
+    qweight = torch.empty(K * bits // 32, N, dtype=torch.int32, **meta)
+    qzeros = torch.empty(K // g, N * bits // 32, dtype=torch.int32, **meta)
+    scales = torch.empty(K // g, N, **meta, requires_grad=True)
+    x = torch.empty(80000, K, dtype=torch.bfloat16, **meta, requires_grad=True)
+    assert x.numel() > 2**31
+    y = packed_linear(x, qweight, qzeros, scales, bits, g, tile_rows=8192)
+    assert y.shape == (80000, N) and y.dtype == torch.bfloat16
+    gx, gs = torch.autograd.grad(y.sum(), (x, scales))
+    assert gx.shape == x.shape and gs.shape == scales.shape and gs.dtype == torch.float32
+
+
+def test_rejects_triton_backend_for_inputs_the_kernels_do_not_take():
+    tensors, *_ = make_packed(16, 64, 4, 32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        packed_linear(torch.randn(2, 64), tensors["qweight"], tensors["qzeros"], tensors["scales"], 4, 32,
+                      backend="triton")
+    tensors, *_ = make_packed(16, 80, 4, 20)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        packed_linear(torch.randn(2, 80).bfloat16(), tensors["qweight"], tensors["qzeros"], tensors["scales"], 4,
+                      20, backend="triton")
