@@ -626,28 +626,6 @@ def packed_model_bytes(shape: ModelShape, wbits: int, group_size: int) -> int:
     return shape.layers * (block + 2 * norms) + shape.extra_params * 2
 
 
-def packed_matmul_transients(in_features: int, out_features: int, tokens: int, compute_bytes: int,
-                             device_type: str) -> dict[str, int]:
-    """Bytes a packed matmul allocates and frees inside one call (beyond its inputs and outputs), forward and
-    backward, for a ``[tokens, in] @ W[in, out]`` call computing in ``compute_bytes``-byte operands.
-
-    Local stand-in until ``frugal_qat.quantizer.packed.packed_matmul_transients`` (branch ``kernels``) lands in
-    main; switch by importing it here. CUDA (the dequantize-then-cuBLAS path of issue 12): forward dequantizes the
-    whole layer to 16 bits, ``c*in*out``; backward dequantizes it again for dL/dx and makes dL/dW in fp32 for the
-    scale gradient, ``(c + 4)*in*out``. CPU (``quantizer/packed.py``'s torch path, which computes in fp32 on 512-row
-    tiles): forward one tile's codes and fp32 ``q - z`` (5 B per element), and for 16-bit inputs the fp32
-    accumulator and the input slice made fp32; backward the tile's ``q - z`` and dL/dW (fp32), one slice of dL/dx,
-    and for 16-bit inputs dL/dy made fp32.
-    """
-    K, N, M, c = in_features, out_features, tokens, compute_bytes
-    if device_type == "cuda":
-        return {"forward": c * K * N, "backward": (c + 4) * K * N}
-    tile = min(TORCH_TILE_ROWS, K)
-    upcast = c < 4
-    return {"forward": 5 * tile * N + (4 * M * N + 4 * M * tile if upcast else 0),
-            "backward": 8 * tile * N + 4 * M * tile + (4 * M * N if upcast else 0)}
-
-
 def packed_matmul_bytes(wbits: int, compute_bytes: int) -> float:
     """Device-memory traffic per weight of one micro-batch's packed matmuls in E2E-QP, beyond the GEMMs' own
     operands (memory-bound; the dequantize-then-GEMM path): three dequantizations (forward, recomputed forward,
@@ -864,6 +842,8 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     big = shape.largest_linear
     rows = min(s.logits_chunk, s.e2e_batch_size * (L - 1))
     back, loss = "block backward", "loss"
+    from frugal_qat.quantizer.packed import packed_matmul_transients  # the kernels' own accounting
+
     mm = packed_matmul_transients(big.in_features, big.out_features, T, c, s.device)
 
     dev = [
@@ -880,7 +860,8 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("backward working set", T * (e * H + c * shape.intermediate),
               f"T*({e}*H + {c}*I): the grad of the block output and of the down projection's input", back),
         _term("packed matmul backward transients, largest linear", mm["backward"],
-              f"packed_matmul_transients({big.in_features}, {big.out_features}): dequantized weight, dL/dW", back),
+              f"quantizer.packed.packed_matmul_transients({big.in_features}, {big.out_features}, T, {c}): the "
+              "dequantized tiles of the backward", back),
         _term("last hidden states, final norm, shifted copy", T * H * (3 * e + 4),
               f"T*H*(3*{e} + 4): the last block's output, the norm's fp32 input and output, hidden[:, :-1]", loss),
         _term("logits chunk, recomputed, and its grads", (2 * c + 12) * rows * V,

@@ -32,7 +32,7 @@ E2E-QP model), and differs from a GPU run in what only CUDA does, which comes fr
   mode): the phase's "CUDA only" terms, added to the simulated peak;
 - the packed matmuls: the CPU torch path of ``PackedLinear`` is not the one CUDA takes, so under the CUDA policy
   the simulation replaces it by a stand-in that makes the same outputs (y, dL/dx, dL/ds) and counts, while it
-  runs, the dequantization transients of the CUDA path (:func:`frugal_qat.planner.estimate.packed_matmul_transients`);
+  runs, the dequantization transients of the CUDA path (:func:`frugal_qat.quantizer.packed.packed_matmul_transients`);
 - AdamW: torch picks its multi-tensor ("foreach") implementation for CUDA parameters and the single-tensor one for
   CPU parameters; the simulation sets ``foreach=True``, as a GPU run gets, so its temporaries are counted.
 
@@ -71,7 +71,6 @@ from frugal_qat.planner.estimate import (
     Term,
     cuda_only_terms,
     model_shape,
-    packed_matmul_transients,
 )
 
 log = logging.getLogger(__name__)
@@ -272,6 +271,7 @@ def _cuda_packed_kernels(tracker: LiveBytes) -> Iterator[None]:
     """Replace PackedLinear's CPU torch path by the CUDA path's footprint: the same outputs, and the CUDA path's
     dequantization transients counted on top of what is live while the kernel runs."""
     from frugal_qat.quantizer import packed
+    from frugal_qat.quantizer.packed import packed_matmul_transients
 
     def forward(x2, qweight, qzeros, scales, spec):
         m, k = x2.shape
@@ -290,7 +290,7 @@ def _cuda_packed_kernels(tracker: LiveBytes) -> Iterator[None]:
                           f"packed matmul backward {k}x{qweight.shape[1]}")
         return grad_x, grad_s
 
-    with mock.patch.object(packed, "_torch_matmul", forward), mock.patch.object(packed, "_torch_backward", backward):
+    with mock.patch.object(packed, "_tiled_forward", forward), mock.patch.object(packed, "_tiled_backward", backward):
         yield
 
 
