@@ -313,6 +313,7 @@ def cmd_plan(args) -> int:
         e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
         grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, e2e_ckpt_every=e.ckpt_every_steps,
         chunk_mb=o.chunk_mb, device=args.plan_device, precision_policy=o.precision, stream_dtype=o.stream_dtype,
+        deterministic=o.deterministic,
         gpu=args.gpu, gpu_mem=(parse_bytes(args.gpu_mem) if args.gpu_mem else "auto") if cuda else None,
         cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else psutil.virtual_memory().total,
         disk_free=shutil.disk_usage(args.disk).free if args.disk else None,

@@ -278,7 +278,8 @@ class PlanSettings:
     accumulation 8, 1 epoch) on an A100-80GB (``gpu``) with an NVMe disk (2 GB/s). ``gpu_mem="auto"``: the GPU's
     memory; None: unchecked. ``gpu_tflops`` overrides the GPU's peak 16-bit FLOP/s (its other peaks scale with
     it), ``gpu_util`` the achieved fraction of every matmul peak. ``precision_policy`` and ``stream_dtype`` are
-    the run's ``offload.precision`` / ``offload.stream_dtype`` (``precision.resolve``). ``cpu_tflops`` is the
+    the run's ``offload.precision`` / ``offload.stream_dtype`` (``precision.resolve``); ``deterministic`` its
+    ``offload.deterministic`` (attention on SDPA's math backend, ``precision.deterministic``). ``cpu_tflops`` is the
     effective fp32 throughput measured on our 2-core CPUs (a 50.6 M-parameter layer, forward+backward on 1024
     tokens in 2.0 s). ``cuda_reserve``: CUDA context, cuBLAS workspace and allocator slack, which
     ``torch.cuda.max_memory_allocated`` does not see. ``host_baseline``: the RSS of a run that is not its tensors
@@ -306,6 +307,7 @@ class PlanSettings:
     device: str = "cuda"
     precision_policy: str = "auto"
     stream_dtype: str = "auto"
+    deterministic: bool = False
     gpu: str = "a100-80gb"
     gpu_mem: int | str | None = "auto"
     cpu_mem: int | str | None = None
@@ -674,13 +676,20 @@ def _cast_cache_note(compute_bytes: int) -> str:
             "ends")
 
 
+def math_attention_bytes(shape: ModelShape, batch: int, seqlen: int, backward: bool) -> int:
+    """Attention on SDPA's math backend (``--deterministic``) materialises ``[b, nh, L, L]`` fp32 tensors (it
+    computes 16-bit inputs in fp32): forward the scores and the probabilities (8 B per element); backward the saved
+    probabilities, their grad and the softmax's grad (12 B per element)."""
+    return (12 if backward else 8) * batch * shape.heads * seqlen * seqlen
+
+
 def cuda_only_terms(phase: str, shape: ModelShape, s: PlanSettings) -> list[Term]:
     """What a GPU holds that torch's allocator counters (and a simulation on the CPU) do not see: the CUDA context,
     cuBLAS workspace and allocator reserve; flash attention's backward accumulates dL/dq in an fp32 buffer
     allocated inside the kernel (``T*nh*d*4``)."""
     out = [_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated")]
     tokens = {"block_ap": s.batch_size * s.seqlen, "e2e_qp": s.e2e_batch_size * s.e2e_seqlen}.get(phase)
-    if tokens is not None:
+    if tokens is not None and not s.deterministic:  # the math backend has no such buffer
         out.append(_term("flash-attention backward dq accumulator (fp32)", tokens * shape.heads * shape.head_dim * 4,
                          "T*nh*d*4, inside the kernel"))
     return out
@@ -730,16 +739,21 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     train = s.epochs > 0
     update, wrap, fwdbwd, opt, val = "stream update", "wrap", "forward+backward", "optimizer step", "validation"
     pairs = (BATCHES_AHEAD + 1) * ga * 2 * T * H * 4
+    # --deterministic: attention on SDPA's math backend peaks in stages of its own, after the MLP (forward) or
+    # once the MLP's backward is done (its activations freed, its weights' fp32 grads made)
+    math_update, math_back = (("stream attention",), ("attention backward",)) if s.deterministic else ((), ())
+    mlp = sum(lin.numel for lin in shape.linears if lin.name.startswith("mlp."))
     up_cast = 4 if ct < 4 else 0  # the fp32 copy of W_hat's incoming 16-bit grad (fake_quant computes in fp32)
 
     dev = [
         _term("block fp32 master weights", 4 * P, "4*P: linears, norms and biases of one block"),
         _term("scales + zeros", 2 * G * (16 if train else 4),
               "2*G*16: fp32 value, grad and two AdamW moments each" if train else "2*G*4: fp32"),
-        _term("stream update micro-batch (no grad)", T * (4 * H + forward_bytes_per_token(shape, cn, 4)),
-              f"T*(4*H + {cn}*3*I + 4*2*H): fp32 input, the layer's forward transients", update),
+        _term("stream update micro-batch (fp32 input)", T * 4 * H, "T*4*H", update, *math_update),
+        _term("stream update forward transients", T * forward_bytes_per_token(shape, cn, 4),
+              f"T*({cn}*3*I + 4*2*H): the layer's forward activations (no grad)", update),
         _term("autocast's copies of the weights (fp update)", _cast_cache(cn, Pl, Wmax),
-              _cast_cache_note(cn), update),
+              _cast_cache_note(cn), update, *math_update),
         _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
               wrap),
     ]
@@ -748,7 +762,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
             _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32: made by the first step, freed with the block"),
             _term("micro-batches in flight (fp32 input + target)", pairs,
                   f"{BATCHES_AHEAD + 1}*{ga}*2*T*H*4: the step in use and {BATCHES_AHEAD} read ahead onto the device",
-                  fwdbwd, opt, val),
+                  fwdbwd, opt, val, *math_back),
             _term("saved activations of one layer", T * saved_bytes_per_token(shape, prof),
                   f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", fwdbwd),
             _term("fake-quantized weights kept for backward", ct * Pl, f"{ct}*Pl: each matmul keeps its W_hat", fwdbwd),
@@ -766,6 +780,19 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
                   f"12*Wmax + T*({cn}*3*I + 4*2*H): W/s, round, q - z live at once; the layer's activations", val),
         ]
     dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
+    if s.deterministic:
+        dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
+                         "8*b*nh*L*L: fp32 scores and probabilities", "stream attention", val))
+        if train:
+            dev += [
+                _term("saved activations of the attention half", T * (saved_bytes_per_token(shape, prof)
+                                                                      - prof.compute_bytes * 4 * shape.intermediate),
+                      "T*(saved per token - c*4*I): the MLP's are freed by now", *math_back),
+                _term("fp32 grads of the MLP linears, attention's W_hat", 4 * mlp + ct * (Pl - mlp),
+                      f"4*Pl_mlp + {ct}*Pl_attn", *math_back),
+                _term("math attention backward (deterministic)", math_attention_bytes(shape, mb, L, True),
+                      "12*b*nh*L*L: fp32 probabilities, their grad, the softmax's grad", *math_back),
+            ]
     if cuda:
         dev += cuda_only_terms("block_ap", shape, s)
 
@@ -867,6 +894,16 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("logits chunk, recomputed, and its grads", (2 * c + 12) * rows * V,
               f"(2*{c} + 12)*chunk*V: {c}-byte logits, fp32 copy, log-softmax and their grads", loss),
     ]
+    if s.deterministic:  # after the recomputed block's MLP backward: its activations freed
+        attn = "attention backward"
+        dev += [
+            _term("recomputed block: saved activations of the attention half",
+                  T * (saved_bytes_per_token(shape, prof) - prof.compute_bytes * 4 * shape.intermediate),
+                  "T*(saved per token - c*4*I)", attn),
+            _term("grad of the block's attention output", T * e * H, f"T*{e}*H", attn),
+            _term("math attention backward (deterministic)", math_attention_bytes(shape, s.e2e_batch_size, L, True),
+                  "12*b*nh*L*L: fp32 probabilities, their grad, the softmax's grad", attn),
+        ]
     if cuda:
         dev += cuda_only_terms("e2e_qp", shape, s)
     host = [
@@ -907,16 +944,21 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     chunk = _chunk_bytes(shape, L, s.chunk_mb, 4, s.eval_samples)
     rows = min(s.logits_chunk, L - 1)
     Wmax = shape.largest_linear.numel
+    attention = ("attention",) if s.deterministic else ()  # math SDPA peaks before the MLP
     dev = [
-        _term("current block (fp32)", 4 * P, "4*P", "blocks"),
-        _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks"),
+        _term("current block (fp32)", 4 * P, "4*P", "blocks", *attention),
+        _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks", *attention),
         _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, cn, 4),
               f"T*({cn}*3*I + 4*2*H): activations", "blocks"),
         _term("autocast's copies of the weights", _cast_cache(cn, shape.block_linear_params, Wmax),
-              _cast_cache_note(cn), "blocks"),
+              _cast_cache_note(cn), "blocks", *attention),
         _term("lm_head (fp32) + one window", V * H * 4 + 2 * L * H * 4, "V*H*4 + 2*L*H*4", "head"),
         _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
+    if s.deterministic:
+        dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
+                                                                                          False),
+                         "8*b*nh*L*L: fp32 scores and probabilities", "attention"))
     if s.device == "cuda":
         dev += cuda_only_terms("ppl_eval", shape, s)
     host = [

@@ -490,6 +490,9 @@ def run_phase(phase: str, config: dict[str, Any], settings: PlanSettings, *, fak
     """Run one phase's code paths (:func:`simulate_block_ap`, ...) on fake tensors, or on real ones (zeros; to
     measure a small model for real and compare with its simulation). ``cuda``: what torch does differently for
     CUDA parameters (AdamW's foreach implementation). Measure with a dispatch mode around the call."""
+    from frugal_qat.precision import deterministic
+
     if phase not in _SIMULATORS:
         raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
-    _SIMULATORS[phase](config, settings, _Env(fake, cuda, stage))
+    with deterministic(settings.deterministic):  # --deterministic: attention on SDPA's math backend
+        _SIMULATORS[phase](config, settings, _Env(fake, cuda, stage))
