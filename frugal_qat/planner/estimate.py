@@ -884,11 +884,11 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
               f"n*T*H*{e}: the embeddings' output and every block's but the last, kept by activation checkpointing"),
         _term("recomputed block: saved activations", T * saved_bytes_per_token(shape, prof),
               f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", back),
-        _term("backward working set", T * (e * H + c * shape.intermediate),
-              f"T*({e}*H + {c}*I): the grad of the block output and of the down projection's input", back),
-        _term("packed matmul backward transients, largest linear", mm["backward"],
-              f"quantizer.packed.packed_matmul_transients({big.in_features}, {big.out_features}, T, {c}): the "
-              "dequantized tiles of the backward", back),
+        _term("MLP backward working set", T * e * H + max(3 * T * c * shape.intermediate,
+                                                          T * c * shape.intermediate + mm["backward"]),
+              f"T*{e}*H (the grad of the block output) + the larger of T*3*{c}*I (the grads around the activation "
+              f"function) and T*{c}*I + the down projection's packed backward transients "
+              f"(quantizer.packed.packed_matmul_transients: {mm['backward'] / GiB:.2f} GiB)", back),
         _term("last hidden states, final norm, shifted copy", T * H * (3 * e + 4),
               f"T*H*(3*{e} + 4): the last block's output, the norm's fp32 input and output, hidden[:, :-1]", loss),
         _term("logits chunk, recomputed, and its grads", (2 * c + 12) * rows * V,
