@@ -608,6 +608,19 @@ def _attention_flops(shape: ModelShape, L: int) -> float:
     return 2 * L * L * shape.heads * shape.head_dim
 
 
+def _flops(s: PlanSettings, shape: ModelShape, dtype: str, linear: float, sequences: float, L: int,
+           passes: float) -> dict[str, float]:
+    """FLOPs by dtype: ``linear`` in the policy's ``dtype``, plus ``passes`` forward-equivalents of attention for
+    ``sequences`` sequences. ``--deterministic`` runs SDPA's math backend: the whole L x L square (no causal
+    skipping, 4*L*L*nh*d forward), computed in fp32 (it upcasts 16-bit inputs), so on the CUDA cores."""
+    out = {dtype: linear}
+    if s.deterministic:
+        out["float32"] = out.get("float32", 0.0) + passes * sequences * 2 * _attention_flops(shape, L)
+    else:
+        out[dtype] += passes * sequences * _attention_flops(shape, L)
+    return out
+
+
 def packed_linear_bytes(lin: Linear, wbits: int, group_size: int) -> dict[str, int]:
     """GPTQ-layout tensors of one packed linear (notes §4): qweight int32 [in*b/32, out], qzeros int32
     [in/g, out*b/32], scales fp16 [in/g, out], g_idx int32 [in], bias fp16."""
@@ -677,10 +690,18 @@ def _cast_cache_note(compute_bytes: int) -> str:
 
 
 def math_attention_bytes(shape: ModelShape, batch: int, seqlen: int, backward: bool) -> int:
-    """Attention on SDPA's math backend (``--deterministic``) materialises ``[b, nh, L, L]`` fp32 tensors (it
-    computes 16-bit inputs in fp32): forward the scores and the probabilities (8 B per element); backward the saved
-    probabilities, their grad and the softmax's grad (12 B per element)."""
-    return (12 if backward else 8) * batch * shape.heads * seqlen * seqlen
+    """Attention on SDPA's math backend (``--deterministic``), which computes 16-bit inputs in fp32 and
+    materialises ``[b, nh, L, L]`` tensors, and the float causal mask (``4*L*L``).
+
+    Forward (no grad): the scores and the masked scores (8 B per element), and beside them the fp32 q (rotated,
+    then scaled), k and v (repeated to all heads) and the normed hidden state: ``20*b*L*nh*d + 4*b*L*H``.
+    Backward: the saved probabilities, their grad and the softmax's grad (12 B per element); the q/k/v copies are
+    left out there, as the stage's other terms (the whole layer's saved activations) already over-count it.
+    """
+    squares = (12 if backward else 8) * batch * shape.heads * seqlen * seqlen + 4 * seqlen * seqlen
+    if backward:
+        return squares
+    return squares + 20 * batch * seqlen * shape.heads * shape.head_dim + 4 * batch * seqlen * shape.hidden
 
 
 def cuda_only_terms(phase: str, shape: ModelShape, s: PlanSettings) -> list[Term]:
@@ -741,7 +762,8 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     pairs = (BATCHES_AHEAD + 1) * ga * 2 * T * H * 4
     # --deterministic: attention on SDPA's math backend peaks in stages of its own, after the MLP (forward) or
     # once the MLP's backward is done (its activations freed, its weights' fp32 grads made)
-    math_update, math_back = (("stream attention",), ("attention backward",)) if s.deterministic else ((), ())
+    math_update, math_back, math_val = ((("stream attention",), ("attention backward",), ("validation attention",))
+                                        if s.deterministic else ((), (), ()))
     mlp = sum(lin.numel for lin in shape.linears if lin.name.startswith("mlp."))
     up_cast = 4 if ct < 4 else 0  # the fp32 copy of W_hat's incoming 16-bit grad (fake_quant computes in fp32)
 
@@ -753,7 +775,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("stream update forward transients", T * forward_bytes_per_token(shape, cn, 4),
               f"T*({cn}*3*I + 4*2*H): the layer's forward activations (no grad)", update),
         _term("autocast's copies of the weights (fp update)", _cast_cache(cn, Pl, Wmax),
-              _cast_cache_note(cn), update, *math_update),
+              _cast_cache_note(cn), update),
         _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
               wrap),
     ]
@@ -762,7 +784,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
             _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32: made by the first step, freed with the block"),
             _term("micro-batches in flight (fp32 input + target)", pairs,
                   f"{BATCHES_AHEAD + 1}*{ga}*2*T*H*4: the step in use and {BATCHES_AHEAD} read ahead onto the device",
-                  fwdbwd, opt, val, *math_back),
+                  fwdbwd, opt, val, *math_back, *math_val),
             _term("saved activations of one layer", T * saved_bytes_per_token(shape, prof),
                   f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", fwdbwd),
             _term("fake-quantized weights kept for backward", ct * Pl, f"{ct}*Pl: each matmul keeps its W_hat", fwdbwd),
@@ -771,7 +793,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
                   fwdbwd),
             _term("fp32 grad of the linear before it", (4 - ct) * Wmax,
                   f"(4 - {ct})*Wmax: took the place of its {ct}-byte W_hat", fwdbwd),
-            _term("weight grads", 4 * P, "4*P fp32, until the next step's zero_grad", opt, val),
+            _term("weight grads", 4 * P, "4*P fp32, until the next step's zero_grad", opt, val, *math_val),
             _term("AdamW temporaries", 4 * P if cuda else 8 * Wmax,
                   "4*P: foreach sqrt of exp_avg_sq over the weights group (torch's default for CUDA tensors)" if cuda
                   else "8*Wmax: the single-tensor AdamW's sqrt and its quotient, one parameter at a time", opt),
@@ -781,8 +803,11 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         ]
     dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
     if s.deterministic:
+        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, Pl - mlp, Wmax),
+                         "before the MLP: only q, k, v, o are cast yet", "stream attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
-                         "8*b*nh*L*L: fp32 scores and probabilities", "stream attention", val))
+                         "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
+                         "stream attention", *math_val))
         if train:
             dev += [
                 _term("saved activations of the attention half", T * (saved_bytes_per_token(shape, prof)
@@ -791,7 +816,8 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
                 _term("fp32 grads of the MLP linears, attention's W_hat", 4 * mlp + ct * (Pl - mlp),
                       f"4*Pl_mlp + {ct}*Pl_attn", *math_back),
                 _term("math attention backward (deterministic)", math_attention_bytes(shape, mb, L, True),
-                      "12*b*nh*L*L: fp32 probabilities, their grad, the softmax's grad", *math_back),
+                      "12*b*nh*L*L + 4*L*L: fp32 probabilities, their grads, the mask",
+                      *math_back),
             ]
     if cuda:
         dev += cuda_only_terms("block_ap", shape, s)
@@ -825,27 +851,29 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
 
     # Time of one block. Reads ahead (weights, micro-batches, stream chunks) and the stream writes (a writer
     # thread, each update reading and writing its stream once) overlap compute; checkpoints do not.
-    att, row = _attention_flops(shape, L), L * H * sb
+    row = L * H * sb
     steps = s.epochs * (s.train_size // (mb * ga))
     nograd = _dtype_name(prec.nograd_autocast)
     micro_update = math.ceil(n_all / mb)  # calls of the block in one update: each casts the weights anew
     fq = fake_quant_bytes()
     stages = [
-        _stage(s, "fp update", flops={nograd: n_all * (2 * Pl * L + att)}, elementwise=micro_update * 6 * Pl,
+        _stage(s, "fp update", flops=_flops(s, shape, nograd, n_all * 2 * Pl * L, n_all, L, 1),
+               elementwise=micro_update * 6 * Pl,
                io=2 * stream + 2 * P),  # + the next block's 16-bit weights, read ahead meanwhile
     ]
     if train:
         val_calls = math.ceil(s.val_size / mb)
         stages += [
-            _stage(s, "validation", flops={nograd: s.val_size * (2 * Pl * L + att)},
+            _stage(s, "validation", flops=_flops(s, shape, nograd, s.val_size * 2 * Pl * L, s.val_size, L, 1),
                    elementwise=val_calls * fq["forward"] * Pl, io=2 * s.val_size * row, repeat=s.epochs + 1),
-            _stage(s, "training", flops={_dtype_name(prec.train_autocast): steps * mb * ga * (6 * Pl * L + 3 * att)},
+            _stage(s, "training", flops=_flops(s, shape, _dtype_name(prec.train_autocast),
+                                               steps * mb * ga * 6 * Pl * L, steps * mb * ga, L, 3),
                    elementwise=steps * (ga * (fq["forward"] + fq["backward"]) * Pl + 12 * (ga - 1) * P
                                         + ADAMW_BYTES * (P + 2 * G)),
                    io=steps * mb * ga * 2 * row),
             _stage(s, "checkpoints", io=s.epochs * ckpt, overlapped=False),
         ]
-    stages.append(_stage(s, "quant update", flops={nograd: n_all * (2 * Pl * L + att)},
+    stages.append(_stage(s, "quant update", flops=_flops(s, shape, nograd, n_all * 2 * Pl * L, n_all, L, 1),
                          elementwise=micro_update * 6 * Pl, io=2 * stream))
     stages.append(_stage(s, "save", io=packed_model_bytes(shape, s.wbits, s.group_size) / shape.layers,
                          overlapped=False))
@@ -902,7 +930,7 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
                   "T*(saved per token - c*4*I)", attn),
             _term("grad of the block's attention output", T * e * H, f"T*{e}*H", attn),
             _term("math attention backward (deterministic)", math_attention_bytes(shape, s.e2e_batch_size, L, True),
-                  "12*b*nh*L*L: fp32 probabilities, their grad, the softmax's grad", attn),
+                  "12*b*nh*L*L + 4*L*L: fp32 probabilities, their grads, the mask", attn),
         ]
     if cuda:
         dev += cuda_only_terms("e2e_qp", shape, s)
@@ -925,8 +953,8 @@ def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     model_bytes = packed_model_bytes(shape, s.wbits, s.group_size)
     once = [
         _stage(s, "build model", io=model_bytes, overlapped=False),
-        _stage(s, "steps", flops={dtype: tokens * (8 * n * shape.block_linear_params + 6 * V * H)
-                                  + sequences * n * 4 * _attention_flops(shape, L)},
+        _stage(s, "steps", flops=_flops(s, shape, dtype, tokens * (8 * n * shape.block_linear_params + 6 * V * H),
+                                        sequences * n, L, 4),
                elementwise=micro * n * shape.block_linear_params * packed_matmul_bytes(s.wbits, c) + steps * 20 * G),
         _stage(s, "checkpoints", io=state * math.ceil(steps / s.e2e_ckpt_every), overlapped=False),
         _stage(s, "write", io=model_bytes, overlapped=False),
@@ -951,14 +979,18 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, cn, 4),
               f"T*({cn}*3*I + 4*2*H): activations", "blocks"),
         _term("autocast's copies of the weights", _cast_cache(cn, shape.block_linear_params, Wmax),
-              _cast_cache_note(cn), "blocks", *attention),
+              _cast_cache_note(cn), "blocks"),
         _term("lm_head (fp32) + one window", V * H * 4 + 2 * L * H * 4, "V*H*4 + 2*L*H*4", "head"),
         _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
     if s.deterministic:
+        attn = sum(lin.numel for lin in shape.linears if not lin.name.startswith("mlp."))
+        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, attn, Wmax),
+                         "before the MLP: only q, k, v, o are cast yet", "attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
                                                                                           False),
-                         "8*b*nh*L*L: fp32 scores and probabilities", "attention"))
+                         "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
+                         "attention"))
     if s.device == "cuda":
         dev += cuda_only_terms("ppl_eval", shape, s)
     host = [
@@ -970,8 +1002,8 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     ]
     disk = [_term("hidden-state scratch stream (fp32)", stream, "n_eval*L*H*4, deleted at the end")]
     nograd = _dtype_name(prec.nograd_autocast)
-    stages = [_stage(s, "block", flops={nograd: s.eval_samples * (2 * shape.block_linear_params * L
-                                                                  + _attention_flops(shape, L))},
+    stages = [_stage(s, "block", flops=_flops(s, shape, nograd, s.eval_samples * 2 * shape.block_linear_params * L,
+                                              s.eval_samples, L, 1),
                      elementwise=math.ceil(s.eval_samples / s.eval_batch_size) * 6 * shape.block_linear_params,
                      io=2 * stream + 2 * P)]
     once = [_stage(s, "head (fp32)", flops={"float32": 2 * V * H * s.eval_samples * (L - 1)})]

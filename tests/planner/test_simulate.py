@@ -2,6 +2,7 @@
 tensors (measured by the profiler's LiveTensors, an independent tracker); it sees the dtypes the planner plans; the
 planner's peaks agree with it; ``plan --simulate`` reports it."""
 
+import dataclasses
 import json
 
 import pytest
@@ -104,3 +105,18 @@ def test_plan_simulate_writes_both_peaks_to_json(tmp_path, capsys):
     ap = next(ph for ph in doc["phases"] if ph["phase"] == "block_ap")
     assert {"seconds", "compute_seconds", "io_seconds", "stages", "io_bound_below_gbps"} <= set(ap["per_block"])
     assert "simulated peak" in capsys.readouterr().out
+
+
+def test_deterministic_attention_is_planned_as_the_code_allocates_it():
+    # --deterministic runs SDPA's math backend: [b, heads, L, L] fp32 tensors, in stages of their own. At L = 256
+    # they outweigh the rest of this tiny model, as they do a 70B's at L = 2048-4096.
+    s = PlanSettings(**{**SMALL, "seqlen": 256, "e2e_seqlen": 256}, device="cuda", cuda_reserve=0)
+    det = dataclasses.replace(s, deterministic=True)
+    base, p = plan(TINY, s), plan(TINY, det)
+    sims = simulate(TINY, det)
+    for phase, sim in sims.items():
+        assert p.phase(phase).device_peak > base.phase(phase).device_peak
+        assert p.phase(phase).device_peak == pytest.approx(sim.peak, rel=0.10), phase
+    assert any(t.name == "math attention backward (deterministic)" for t in p.phase("e2e_qp").device_terms)
+    steps = p.phase("e2e_qp").once_stages[1]
+    assert "float32" in steps.flops  # the math backend computes 16-bit inputs in fp32
