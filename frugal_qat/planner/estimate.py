@@ -50,7 +50,8 @@ PHASE_TITLES = {"block_ap": "Block-AP (per block)", "e2e_qp": "E2E-QP", "ppl_eva
 # prefetch(depth=k) runs k loads ahead of the item in use (offload/prefetch.py).
 BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)
 BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch lists, depth=2); on CUDA they are loaded onto the GPU
-CHUNKS_AHEAD = 1  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
+CHUNKS_AHEAD = 1  # offload/activations.READS_AHEAD: stream chunks read ahead of the one being computed
+WRITES_AHEAD = 2  # offload/activations.WRITES_AHEAD: output chunks queued for the writer beyond the one it writes
 TORCH_TILE_ROWS = 512  # quantizer/packed.py DEFAULT_TILE_ROWS: rows of W the CPU path dequantizes at a time
 # bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements.
 BNB_BLOCK = 256
@@ -825,9 +826,9 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     host = [
         _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P from the safetensors mmap"),
-        _term("stream chunks in flight", (CHUNKS_AHEAD + 1 + 2 + 1) * chunk,
-              f"5*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + their concatenation, one being "
-              "written", update),
+        _term("stream chunks in flight", (CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1) * chunk,
+              f"{CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1}*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, "
+              f"the outputs + their concatenation, {WRITES_AHEAD + 1} with the writer thread", update),
         _term("embedding table (first block only)", shape.vocab * H * 2 + 2 * chunk,
               "V*H*2 + 2*chunk: embeds the windows into both streams", "embed"),
     ]
@@ -842,7 +843,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     disk = [
         _term("fp stream (teacher activations)", stream, f"(N+Nv)*L*H*{sb}, updated in place"),
         _term("quant stream", stream, f"(N+Nv)*L*H*{sb}, updated in place"),
-        _term("stream journal", chunk, "one chunk"),
+        _term("spare chunk of each stream", 2 * chunk, "2*chunk: an update writes each output one chunk away"),
         _term("block training checkpoint (x2 while replaced)", 2 * ckpt if train else 0,
               "2*(12*P + 24*G): fp32 weights + AdamW + scales/zeros; old and new during the atomic rename"),
         _term("packed output model", packed_model_bytes(shape, s.wbits, s.group_size),
@@ -996,11 +997,13 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     host = [
         _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P"),
-        _term("stream chunks in flight (fp32)", (CHUNKS_AHEAD + 1 + 2) * chunk,
-              f"4*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + concatenation", "blocks"),
+        _term("stream chunks in flight (fp32)", (CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1) * chunk,
+              f"{CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1}*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, "
+              f"the outputs + their concatenation, {WRITES_AHEAD + 1} with the writer thread", "blocks"),
         _term("embedding table", shape.vocab * H * 2, "V*H*2 while the windows are embedded", "embed"),
     ]
-    disk = [_term("hidden-state scratch stream (fp32)", stream, "n_eval*L*H*4, deleted at the end")]
+    disk = [_term("hidden-state scratch stream (fp32)", stream + chunk, "n_eval*L*H*4 + a spare chunk, deleted at "
+                  "the end")]
     nograd = _dtype_name(prec.nograd_autocast)
     stages = [_stage(s, "block", flops=_flops(s, shape, nograd, s.eval_samples * 2 * shape.block_linear_params * L,
                                               s.eval_samples, L, 1),
