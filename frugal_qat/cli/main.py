@@ -297,33 +297,39 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import dataclasses
+    import shutil
 
     import psutil
 
-    from frugal_qat.config import load_recipe
     from frugal_qat.planner import PlanSettings, format_plan, load_model_config, parse_bytes, plan, plan_to_json
 
     cfg = _run_config(args)  # the recipe + flags, validated like a real run
-    recipe_e2e = (load_recipe(args.recipe) if args.recipe else {}).get("e2e_qp", {})
-    q, d, b = cfg.quant, cfg.data, cfg.block_ap
-    fields = {f.name for f in dataclasses.fields(PlanSettings)}
-    e2e = {f"e2e_{k}": v for k, v in recipe_e2e.items() if f"e2e_{k}" in fields}
-    if "grad_accum" in recipe_e2e:
-        e2e["grad_accum"] = recipe_e2e["grad_accum"]
+    q, d, b, e, o = cfg.quant, cfg.data, cfg.block_ap, cfg.e2e_qp, cfg.offload
+    cuda = args.plan_device == "cuda"
+    overrides = {k: v for k, v in (("gpu_tflops", args.gpu_tflops), ("gpu_util", args.gpu_util),
+                                   ("disk_gbps", args.disk_gbps)) if v is not None}
     settings = PlanSettings(
         wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
         block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
-        chunk_mb=cfg.offload.chunk_mb, device=args.plan_device,
-        gpu_mem=parse_bytes(args.gpu_mem) if args.plan_device == "cuda" else None,
+        e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
+        grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, e2e_ckpt_every=e.ckpt_every_steps,
+        chunk_mb=o.chunk_mb, device=args.plan_device, precision_policy=o.precision, stream_dtype=o.stream_dtype,
+        deterministic=o.deterministic,
+        gpu=args.gpu, gpu_mem=(parse_bytes(args.gpu_mem) if args.gpu_mem else "auto") if cuda else None,
         cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else psutil.virtual_memory().total,
-        disk_free=__import__("shutil").disk_usage(args.disk).free if args.disk else None,
-        **e2e,
+        disk_free=shutil.disk_usage(args.disk).free if args.disk else None,
+        **overrides,
     )
-    p = plan(load_model_config(args.model), settings)
+    config = load_model_config(args.model)
+    p = plan(config, settings)
+    simulated = None
+    if args.simulate:
+        from frugal_qat.planner.simulate import simulate
+
+        simulated = simulate(config, settings)
     if args.json:
-        Path(args.json).write_text(json.dumps(plan_to_json(p), indent=2) + "\n")
-    print(format_plan(p))
+        Path(args.json).write_text(json.dumps(plan_to_json(p, simulated), indent=2) + "\n")
+    print(format_plan(p, simulated))
     return 0 if p.fits else 1
 
 
@@ -480,13 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(fn=cmd_ppl)
 
+    from frugal_qat.planner.estimate import GPUS  # no torch import: the parser stays quick to build
+
     p = sub.add_parser("plan", help="memory (GPU, RAM, disk) and time a run needs, from config.json alone")
     p.add_argument("--model", required=True, help="model directory, config.json, or a shipped name (e.g. llama-2-70b)")
     _add_run_flags(p)
     p.add_argument("--plan-device", choices=["cuda", "cpu"], default="cuda", help="plan for a GPU or a CPU-only run")
-    p.add_argument("--gpu-mem", default="80GiB")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="a100-80gb",
+                   help="the GPU the time and memory are planned for (peaks, bandwidth, memory)")
+    p.add_argument("--gpu-mem", help="GPU memory to plan against (default: the --gpu's)")
+    p.add_argument("--gpu-tflops", type=float,
+                   help="override the GPU's peak 16-bit TFLOP/s (its other peaks scale with it)")
+    p.add_argument("--gpu-util", type=float, help="override the achieved fraction of peak of every matmul, e.g. 0.6")
+    p.add_argument("--disk-gbps", type=float, help="disk bandwidth in GB/s for the activation streams (default 2)")
     p.add_argument("--cpu-mem", help="host RAM available (default: this machine's)")
     p.add_argument("--disk", help="a directory on the disk the run will use (its free space is checked)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the real code on fake tensors (no data, no compute) and report its peak memory")
     p.add_argument("--json", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 

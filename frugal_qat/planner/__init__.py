@@ -1,6 +1,10 @@
-"""Memory and time planner: what a run needs (GPU, host RAM, disk, hours) from config.json alone."""
+"""Memory and time planner: what a run needs (GPU, host RAM, disk, hours) from config.json alone; ``simulate``
+checks the memory by running the real code on fake tensors; ``check.require_fit`` refuses a run that cannot fit."""
 
+from frugal_qat.planner.check import require_fit
 from frugal_qat.planner.estimate import (
+    GPU,
+    GPUS,
     PHASES,
     ActivationProfile,
     Linear,
@@ -8,8 +12,8 @@ from frugal_qat.planner.estimate import (
     PhasePlan,
     Plan,
     PlanSettings,
+    StageTime,
     Term,
-    backward_bytes_per_token,
     find_fixes,
     forward_bytes_per_token,
     list_known_models,
@@ -25,6 +29,8 @@ from frugal_qat.planner.estimate import (
 from frugal_qat.planner.report import format_plan, plan_to_json
 
 __all__ = [
+    "GPU",
+    "GPUS",
     "PHASES",
     "ActivationProfile",
     "Linear",
@@ -32,8 +38,8 @@ __all__ = [
     "PhasePlan",
     "Plan",
     "PlanSettings",
+    "StageTime",
     "Term",
-    "backward_bytes_per_token",
     "find_fixes",
     "format_plan",
     "forward_bytes_per_token",
@@ -45,6 +51,7 @@ __all__ = [
     "plan",
     "plan_to_json",
     "reference_host_terms",
+    "require_fit",
     "saved_bytes_per_token",
     "suggest_fixes",
 ]

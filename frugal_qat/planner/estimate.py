@@ -1,28 +1,38 @@
 """What a run needs, before it starts: bytes per device, host RAM and disk, and time, from config.json alone.
 
-Every figure is a named :class:`Term` with the formula in its note, so a measured peak can be compared term by
-term. Symbols (per decoder block unless said otherwise)::
+Every figure is a named :class:`Term` with the formula in its note, so a measured (or simulated) peak can be
+compared term by term. Symbols (per decoder block unless said otherwise)::
 
     H hidden, I intermediate, nh / nkv attention / key-value heads, d head_dim, V vocab, n layers
-    P   trainable parameters of one block (7 linears + 2 RMSNorms + biases)
+    P   trainable parameters of one block (its quantized linears, norms, biases: counted on transformers' layer)
     Pl  linear weights of one block (sum of out*in), Wmax = the largest linear's out*in
     G   quantization groups of one block (sum of out*in/g); scale and zero hold G elements each
-    b, L micro-batch and sequence length, T = b*L tokens, c = compute bytes (2: bf16 on CUDA, 4: fp32 on CPU)
-    N, Nv training and validation windows, S = (N+Nv)*L*H*2 bytes: one fp16 activation stream
+    b, L micro-batch and sequence length, T = b*L tokens
+    c   bytes of a compute operand in the phase's dtype, from the precision policy (frugal_qat/precision.py):
+        2 under bf16 autocast (CUDA), 4 in fp32 (CPU)
+    N, Nv training and validation windows, S = (N+Nv)*L*H*s: one activation stream of s-byte elements
 
-The per-token activation formulas were fitted to what torch 2.13 autograd actually keeps for a Hugging Face
-Llama decoder layer with SDPA and no mask (flash/efficient kernels: no L x L matrix, also on CPU; GQA without
-repeating k/v): see :func:`saved_bytes_per_token`. Counts of read-ahead buffers follow
-``frugal_qat.offload.prefetch.prefetch``, which keeps ``depth + 1`` loads in flight beside the item in use.
+Dtypes come from :func:`frugal_qat.precision.resolve`, the one place the runs take them from, so a plan never
+assumes a dtype the code does not use. The per-token activation formulas count what torch 2.13 autograd keeps for
+transformers' decoder layer with SDPA and no mask (flash kernels: no L x L matrix; GQA without repeating k/v): see
+:func:`saved_bytes_per_token` and ``tests/planner``. Counts of read-ahead buffers follow
+``frugal_qat.offload.prefetch.prefetch``, which keeps ``depth`` loads in flight beside the item in use.
 
-A phase's peak is the largest, over its stages, of the stage-less terms plus that stage's terms: the stream update,
-the training steps and the checkpoint save of Block-AP do not hold their buffers at the same time.
+A phase's peak is the largest, over its stages, of the stage-less terms plus that stage's terms. ``frugal-qat plan
+--simulate`` (``planner/simulate.py``) runs the code itself on fake tensors to check these sums.
+
+Time (:class:`StageTime`): each stage's compute is priced per kind of work in the dtype the policy uses (16-bit
+or fp32 matmuls at the GPU's peak times an achieved fraction measured in public benchmarks, memory-bound
+elementwise work at its HBM bandwidth times an achieved fraction: ``GPUS``, cited in docs/PERFORMANCE.md), and its
+disk I/O at ``disk_gbps``. Where the code reads ahead or writes behind on a thread, a stage takes max(compute, I/O);
+where it waits, their sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
@@ -36,15 +46,21 @@ from frugal_qat.errors import ConfigError, UnsupportedModel
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 PHASES = ("block_ap", "e2e_qp", "ppl_eval")
 PHASE_TITLES = {"block_ap": "Block-AP (per block)", "e2e_qp": "E2E-QP", "ppl_eval": "perplexity evaluation"}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")  # frugal_qat.arch.ARCHS
 
-# prefetch(depth=k) keeps k+1 loads ahead of the item in use (offload/prefetch.py).
+# prefetch(depth=k) runs k loads ahead of the item in use (offload/prefetch.py).
 BLOCKS_AHEAD = 1  # block_ap/run.py and eval/ppl.py: prefetch(block_state, depth=1)
-BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch pairs, depth=2)
-CHUNKS_AHEAD = 1  # offload/activations.update_in_place: prefetch(chunk reads, depth=1)
+BATCHES_AHEAD = 2  # block_ap/run.py: prefetch(micro-batch lists, depth=2); on CUDA they are loaded onto the GPU
+CHUNKS_AHEAD = 1  # offload/activations.READS_AHEAD: stream chunks read ahead of the one being computed
+WRITES_AHEAD = 2  # offload/activations.WRITES_AHEAD: output chunks queued for the writer beyond the one it writes
 TORCH_TILE_ROWS = 512  # quantizer/packed.py DEFAULT_TILE_ROWS: rows of W the CPU path dequantizes at a time
 # bitsandbytes 8-bit AdamW (0.50.2, measured here): uint8 states with one fp32 absmax per 256 elements.
 BNB_BLOCK = 256
+
+# Memory traffic of the memory-bound (elementwise) work, bytes per element, counted from the code (the passes are
+# listed where each is used): fake-quant of one weight, AdamW of one fp32 parameter, one packed weight.
+FAKE_QUANT_FORWARD_BYTES = 54  # 6 fp32 passes (W/s, round, +z, clamp, -z, *s: read 4 + write 4) + the bf16 cast
+FAKE_QUANT_BACKWARD_BYTES = 113  # primitives._FakeQuant.backward: 16 passes, listed in fake_quant_bytes()
+ADAMW_BYTES = 72  # torch foreach AdamW, fp32: lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8, addcdiv 16
 
 _UNITS = {
     "": 1, "b": 1,
@@ -72,7 +88,42 @@ def parse_bytes(s: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-# ---- model shapes from config.json ------------------------------------------------------------------------------
+# ---- GPUs -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU's peaks and the fraction of each that real kernels achieve (one figure per kind of work, from public
+    measurements of that GPU; sources in docs/PERFORMANCE.md). ``tflops``: dense peaks (no sparsity) for
+    "bfloat16" (tensor cores), "tf32" (tensor cores) and "float32" (CUDA cores: what an fp32 matmul gets, since
+    torch keeps TF32 off for matmuls by default and frugal-qat does not turn it on). ``achieved``: the same keys
+    plus "elementwise", the fraction of ``hbm_gbps`` a streaming kernel sustains. ``memory``: bytes the driver
+    reports."""
+
+    name: str
+    memory: int
+    tflops: dict[str, float]
+    hbm_gbps: float
+    achieved: dict[str, float]
+
+
+GPUS = {
+    # A100 SXM4 80GB: datasheet 312 / 156 / 19.5 TFLOP/s, 2039 GB/s. Achieved: bf16 267.9 TFLOP/s (MAMF table),
+    # TF32 143 (CUTLASS GEMM), fp32 18.88 of 19.49 (cuBLAS SGEMM), 1737 GB/s (stream "scale" kernel).
+    "a100-80gb": GPU("a100-80gb", 81920 * MiB, {"bfloat16": 312.0, "tf32": 156.0, "float32": 19.5}, 2039.0,
+                     {"bfloat16": 0.859, "tf32": 0.917, "float32": 0.969, "elementwise": 0.852}),
+    # H100 SXM5 80GB: datasheet 989.4 / 494.7 / 66.9 TFLOP/s, 3350 GB/s. Achieved: bf16 792.1 (MAMF), elementwise
+    # 1704 of 2000 GB/s on the H100 PCIe; no public TF32 / fp32 GEMM measurement found: the A100's fractions.
+    "h100-80gb": GPU("h100-80gb", 81559 * MiB, {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}, 3350.0,
+                     {"bfloat16": 0.801, "tf32": 0.917, "float32": 0.969, "elementwise": 0.852}),
+    # H200 SXM 141GB: the H100 SXM's compute, 4800 GB/s. Achieved: bf16 the H100 SXM's (same chip and clocks),
+    # elementwise 3174 of 4000 GB/s on a GH200's Hopper GPU (HBM3); TF32 / fp32 as the H100.
+    "h200": GPU("h200", 143771 * MiB, {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}, 4800.0,
+                {"bfloat16": 0.801, "tf32": 0.917, "float32": 0.969, "elementwise": 0.794}),
+}
+
+
+# ---- model shapes -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -93,7 +144,12 @@ class Linear:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a decoder-only model that the formulas need (read from config.json)."""
+    """The dimensions of a decoder-only model that the formulas need.
+
+    ``linears`` and ``block_params`` come from the architecture's own decoder layer (transformers, built on the
+    meta device): the quantized linears with their widths and biases, and every parameter of the block (norms,
+    q/k norms, biases). The scalar dimensions come from the config, for the activation formulas.
+    """
 
     name: str
     model_type: str
@@ -106,20 +162,21 @@ class ModelShape:
     vocab: int
     tied: bool
     linears: tuple[Linear, ...]
+    block_params: int
+    bf16_activations: bool = False
 
     @property
     def block_linear_params(self) -> int:
         return sum(lin.numel for lin in self.linears)
 
     @property
-    def block_params(self) -> int:
-        """Linear weights + biases + the two RMSNorm weights of one decoder block."""
-        biases = sum(lin.out_features for lin in self.linears if lin.bias)
-        return self.block_linear_params + biases + 2 * self.hidden
-
-    @property
     def largest_linear(self) -> Linear:
         return max(self.linears, key=lambda lin: lin.numel)
+
+    @property
+    def other_params(self) -> int:
+        """Block parameters outside the quantized linears' weights: norms (and q/k norms), biases."""
+        return self.block_params - self.block_linear_params
 
     @property
     def extra_params(self) -> int:
@@ -135,38 +192,42 @@ class ModelShape:
 
 
 def model_shape(config: dict[str, Any]) -> ModelShape:
-    """Shapes of a Llama / Mistral / Qwen2 model from its config.json dict.
+    """The shapes of the model described by ``config`` (a config.json dict), read off the architecture code.
 
-    Biases: Qwen2 has them on q/k/v; Llama-family configs may set ``attention_bias`` (q/k/v/o) and ``mlp_bias``.
+    ``frugal_qat.arch`` gives the quantized linears (``linear_shapes``: names, widths, biases of transformers' own
+    layer built on meta) and the block's other parameters are counted on the same meta layer, so any family the
+    arch registry supports plans without changes here.
+
+    Raises:
+        UnsupportedModel: an architecture frugal-qat does not support, or a config without the sizes.
     """
+    return _model_shape(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_shape(config_json: str) -> ModelShape:
+    import torch
+
+    from frugal_qat.arch import arch_for, hf_config, linear_shapes
+
+    config = json.loads(config_json)
     name = str(config.get("_name_or_path") or config.get("model_type") or "model")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModel(
-            f"model_type {model_type!r} of {name} is not supported by the planner; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    arch = arch_for(config)
     need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in need if not isinstance(config.get(k), int) or config[k] <= 0]
     if missing:
         raise UnsupportedModel(f"config of {name} lacks a positive integer {', '.join(missing)}; is it a config.json?")
-    H, I, nh = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    nkv = config.get("num_key_value_heads") or nh
-    d = config.get("head_dim") or H // nh
-    attn_bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
-    o_bias = bool(config.get("attention_bias", False))
-    mlp_bias = bool(config.get("mlp_bias", False))
-    linears = (
-        Linear("self_attn.q_proj", H, nh * d, attn_bias),
-        Linear("self_attn.k_proj", H, nkv * d, attn_bias),
-        Linear("self_attn.v_proj", H, nkv * d, attn_bias),
-        Linear("self_attn.o_proj", nh * d, H, o_bias),
-        Linear("mlp.gate_proj", H, I, mlp_bias),
-        Linear("mlp.up_proj", H, I, mlp_bias),
-        Linear("mlp.down_proj", I, H, mlp_bias),
-    )
-    return ModelShape(name, model_type, H, I, config["num_hidden_layers"], nh, nkv, d, config["vocab_size"],
-                      bool(config.get("tie_word_embeddings", False)), linears)
+    hf = hf_config(config)
+    linears = tuple(Linear(s.name, s.in_features, s.out_features, s.bias) for s in linear_shapes(hf, arch))
+    with torch.device("meta"):
+        layer = arch.layer_cls(hf, layer_idx=0)
+    block_params = sum(p.numel() for p in layer.parameters())
+    H, nh = int(hf.hidden_size), int(hf.num_attention_heads)
+    nkv = int(getattr(hf, "num_key_value_heads", None) or nh)
+    d = int(getattr(hf, "head_dim", None) or H // nh)
+    return ModelShape(name, str(config.get("model_type")), H, int(hf.intermediate_size), int(hf.num_hidden_layers),
+                      nh, nkv, d, int(hf.vocab_size), bool(getattr(hf, "tie_word_embeddings", False)), linears,
+                      block_params, arch.bf16_activations)
 
 
 def _configs_dir():
@@ -207,7 +268,7 @@ def load_model_config(name_or_path: str | Path) -> dict[str, Any]:
     return config
 
 
-# ---- settings and results -----------------------------------------------------------------------------------------
+# ---- settings and results ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -215,18 +276,22 @@ class PlanSettings:
     """Everything a plan depends on besides the model. Sizes are bytes (a string such as "80GiB" is parsed).
 
     Defaults: the paper's recipe (Block-AP 4096 x 2048 windows, batch 2, 2 epochs; E2E-QP 4096 x 4096, batch 4 x
-    accumulation 8, 1 epoch) on an A100-80GB (312 TFLOP/s bf16 at 40 % utilisation) with an NVMe disk (2 GB/s).
-    ``cpu_tflops`` is the effective fp32 throughput measured on our 2-core CPUs (a 50.6 M-parameter layer,
-    forward+backward on 1024 tokens in 2.0 s). ``cuda_reserve``: CUDA context, cuBLAS workspace and allocator
-    slack, which ``torch.cuda.max_memory_allocated`` does not see. ``host_baseline``: the RSS of a run that is not
-    its tensors (Python, torch, transformers' model code, tokenizer, allocator arenas): 0.72-0.80 GiB measured in
-    Block-AP and E2E-QP runs on CPU (docs/MEMORY.md).
+    accumulation 8, 1 epoch) on an A100-80GB (``gpu``) with an NVMe disk (2 GB/s). ``gpu_mem="auto"``: the GPU's
+    memory; None: unchecked. ``gpu_tflops`` overrides the GPU's peak 16-bit FLOP/s (its other peaks scale with
+    it), ``gpu_util`` the achieved fraction of every matmul peak. ``precision_policy`` and ``stream_dtype`` are
+    the run's ``offload.precision`` / ``offload.stream_dtype`` (``precision.resolve``); ``deterministic`` its
+    ``offload.deterministic`` (attention on SDPA's math backend, ``precision.deterministic``). ``cpu_tflops`` is the
+    effective fp32 throughput measured on our 2-core CPUs (a 50.6 M-parameter layer, forward+backward on 1024
+    tokens in 2.0 s). ``cuda_reserve``: CUDA context, cuBLAS workspace and allocator slack, which
+    ``torch.cuda.max_memory_allocated`` does not see. ``host_baseline``: the RSS of a run that is not its tensors
+    (Python, torch, transformers' model code, tokenizer, allocator arenas): 0.72-0.80 GiB measured in Block-AP and
+    E2E-QP runs on CPU (docs/MEMORY.md).
     """
 
     wbits: int
     group_size: int
     seqlen: int = 2048
-    batch_size: int = 2
+    batch_size: int = 2  # Block-AP micro-batch (block_ap.batch_size / grad_accum)
     block_ap_grad_accum: int = 1
     train_size: int = 4096
     val_size: int = 64
@@ -237,61 +302,99 @@ class PlanSettings:
     e2e_epochs: int = 1
     grad_accum: int = 8
     logits_chunk: int = 1024
-    dequant_tile: int = 128
+    e2e_ckpt_every: int = 16
     eval_samples: int = 256
     eval_batch_size: int = 4
     device: str = "cuda"
-    gpu_mem: int | None = 80 * GiB
-    cpu_mem: int | None = None
-    disk_free: int | None = None
+    precision_policy: str = "auto"
+    stream_dtype: str = "auto"
+    deterministic: bool = False
+    gpu: str = "a100-80gb"
+    gpu_mem: int | str | None = "auto"
+    cpu_mem: int | str | None = None
+    disk_free: int | str | None = None
     chunk_mb: float = 64
-    host_baseline: int = 800 * MiB
-    cuda_reserve: int = 1 * GiB
-    gpu_tflops: float = 312.0
-    gpu_util: float = 0.4
+    host_baseline: int | str = 800 * MiB
+    cuda_reserve: int | str = 1 * GiB
+    gpu_tflops: float | None = None
+    gpu_util: float | None = None
     cpu_tflops: float = 0.15
     disk_gbps: float = 2.0
 
     def __post_init__(self):
+        problems = []
+        if self.gpu not in GPUS:
+            problems.append(f"gpu={self.gpu!r}; choose one of {', '.join(GPUS)}")
+        elif self.gpu_mem == "auto":
+            object.__setattr__(self, "gpu_mem", GPUS[self.gpu].memory)
         for f in ("gpu_mem", "cpu_mem", "disk_free", "host_baseline", "cuda_reserve"):
             v = getattr(self, f)
             if isinstance(v, str):
-                object.__setattr__(self, f, parse_bytes(v))
-        problems = []
+                try:
+                    object.__setattr__(self, f, parse_bytes(v))
+                except ValueError as e:
+                    problems.append(f"{f}: {e}")
         if self.wbits not in (2, 3, 4, 8):
             problems.append(f"wbits={self.wbits}; choose 2, 3, 4 or 8")
         if self.group_size != -1 and self.group_size <= 0:
             problems.append(f"group_size={self.group_size}; choose a positive divisor of the layer widths or -1")
         positive = ("seqlen", "batch_size", "block_ap_grad_accum", "train_size", "e2e_seqlen", "e2e_batch_size",
-                    "e2e_train_size", "grad_accum", "logits_chunk", "dequant_tile", "eval_samples", "eval_batch_size")
+                    "e2e_train_size", "grad_accum", "logits_chunk", "e2e_ckpt_every", "eval_samples",
+                    "eval_batch_size")
         problems += [f"{f}={getattr(self, f)}; it must be a positive integer"
                      for f in positive if getattr(self, f) <= 0]
         problems += [f"{f}={getattr(self, f)}; it must be >= 0" for f in ("val_size", "epochs", "e2e_epochs")
                      if getattr(self, f) < 0]
         if self.device not in ("cuda", "cpu"):
             problems.append(f"device={self.device!r}; choose cuda or cpu")
-        for f in ("chunk_mb", "gpu_tflops", "cpu_tflops", "disk_gbps"):
+        if self.precision_policy not in ("auto", "cpu", "cuda"):
+            problems.append(f"precision_policy={self.precision_policy!r}; choose auto, cpu or cuda")
+        if self.stream_dtype not in ("auto", "float16", "bfloat16"):
+            problems.append(f"stream_dtype={self.stream_dtype!r}; choose auto, float16 or bfloat16")
+        for f in ("chunk_mb", "cpu_tflops", "disk_gbps"):
             if not getattr(self, f) > 0:
                 problems.append(f"{f}={getattr(self, f)}; it must be positive")
-        if not 0 < self.gpu_util <= 1:
-            problems.append(f"gpu_util={self.gpu_util}; give a fraction in (0, 1], e.g. 0.4")
+        if self.gpu_tflops is not None and not self.gpu_tflops > 0:
+            problems.append(f"gpu_tflops={self.gpu_tflops}; it must be positive")
+        if self.gpu_util is not None and not 0 < self.gpu_util <= 1:
+            problems.append(f"gpu_util={self.gpu_util}; give a fraction in (0, 1], e.g. 0.8")
         for f in ("gpu_mem", "cpu_mem", "disk_free"):
             v = getattr(self, f)
-            if v is not None and v <= 0:
+            if isinstance(v, int) and v <= 0:
                 problems.append(f"{f}={v}; give a positive size such as 80GiB, or leave it unset")
         if problems:
             raise ConfigError("invalid plan settings: " + "; ".join(problems))
 
-    @property
-    def compute_bytes(self) -> int:
-        """bf16 autocast on CUDA, fp32 on CPU (block_ap/train_block.py)."""
-        return 2 if self.device == "cuda" else 4
+    def precision(self, bf16_activations: bool = False, run_device: str | None = None):
+        """The run's :class:`frugal_qat.precision.Precision`: the policy of ``device`` (or the forced
+        ``precision_policy``), computed on ``run_device`` (default ``device``; the simulation runs the CUDA policy
+        on the CPU)."""
+        from frugal_qat.precision import resolve
+
+        policy = self.device if self.precision_policy == "auto" else self.precision_policy
+        return resolve(run_device or self.device, policy, self.stream_dtype, needs_bf16_streams=bf16_activations)
 
     @property
-    def flops_per_second(self) -> float:
-        if self.device == "cuda":
-            return self.gpu_tflops * 1e12 * self.gpu_util
-        return self.cpu_tflops * 1e12
+    def gpu_spec(self) -> GPU:
+        return GPUS[self.gpu]
+
+    def matmul_flops_per_second(self, dtype: str) -> float:
+        """Achieved FLOP/s of a matmul in ``dtype`` ("bfloat16"/"float16" on tensor cores, "float32")."""
+        if self.device == "cpu":
+            return self.cpu_tflops * 1e12
+        g = self.gpu_spec
+        kind = "bfloat16" if dtype in ("bfloat16", "float16") else dtype
+        scale = 1.0 if self.gpu_tflops is None else self.gpu_tflops / g.tflops["bfloat16"]
+        util = g.achieved[kind] if self.gpu_util is None else self.gpu_util
+        return g.tflops[kind] * scale * 1e12 * util
+
+    @property
+    def elementwise_bytes_per_second(self) -> float | None:
+        """Achieved device-memory bandwidth of streaming kernels; None on CPU (not priced: see PhasePlan)."""
+        if self.device == "cpu":
+            return None
+        g = self.gpu_spec
+        return g.hbm_gbps * 1e9 * g.achieved["elementwise"]
 
 
 @dataclass
@@ -299,13 +402,46 @@ class Term:
     name: str
     bytes: int
     note: str
-    stage: str = ""  # "" = held throughout the phase; otherwise only during that stage
+    stages: tuple[str, ...] = ()  # () = held throughout the phase; otherwise only during these stages
 
 
 def _peak(terms: list[Term]) -> int:
-    base = sum(t.bytes for t in terms if not t.stage)
-    stages = {t.stage for t in terms if t.stage}
-    return base + max((sum(t.bytes for t in terms if t.stage == s) for s in stages), default=0)
+    base = sum(t.bytes for t in terms if not t.stages)
+    stages = {s for t in terms for s in t.stages}
+    return base + max((sum(t.bytes for t in terms if s in t.stages) for s in stages), default=0)
+
+
+@dataclass
+class StageTime:
+    """One stage of a phase: its compute, its disk I/O, and whether the code overlaps them (a read-ahead or
+    writer thread: the stage takes the longer of the two) or not (the sum). ``repeat``: how many times the stage
+    runs per block (Block-AP's validation runs once before training and after each epoch). ``flops`` by dtype
+    and ``elementwise_bytes`` are what the compute seconds were priced from."""
+
+    name: str
+    compute_seconds: float
+    io_seconds: float
+    io_bytes: float
+    overlapped: bool
+    repeat: int = 1
+    flops: dict[str, float] = field(default_factory=dict)
+    elementwise_bytes: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        one = max(self.compute_seconds, self.io_seconds) if self.overlapped else self.compute_seconds + self.io_seconds
+        return self.repeat * one
+
+    @property
+    def bound(self) -> str:
+        return "disk" if self.io_seconds > self.compute_seconds else "compute"
+
+    @property
+    def io_bound_below_gbps(self) -> float | None:
+        """Disk GB/s below which this stage waits on the disk (overlapped stages only)."""
+        if not self.overlapped or self.io_bytes == 0:
+            return None
+        return self.io_bytes / self.compute_seconds / 1e9 if self.compute_seconds > 0 else math.inf
 
 
 @dataclass
@@ -314,13 +450,11 @@ class PhasePlan:
     device_terms: list[Term]
     host_terms: list[Term]
     disk_terms: list[Term]
-    seconds: float
-    io_bytes: int
+    time_stages: list[StageTime]
+    compute_dtype: str
     device: str = "cuda"
-    compute_seconds: float = 0.0
-    io_seconds: float = 0.0
-    io_bytes_per_block: int = 0
     blocks: int = 1  # how many times the per-block figures repeat (n layers for the streamed phases)
+    once_stages: list[StageTime] = field(default_factory=list)  # stages that run once per phase, not per block
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -345,6 +479,48 @@ class PhasePlan:
         """The largest device term: the first thing to shrink when the phase does not fit."""
         return max(self.device_terms, key=lambda t: t.bytes)
 
+    @property
+    def block_seconds(self) -> float:
+        return sum(s.seconds for s in self.time_stages)
+
+    @property
+    def seconds(self) -> float:
+        return self.blocks * self.block_seconds + sum(s.seconds for s in self.once_stages)
+
+    @property
+    def compute_seconds(self) -> float:
+        stages = [(s, self.blocks) for s in self.time_stages] + [(s, 1) for s in self.once_stages]
+        return sum(n * s.repeat * s.compute_seconds for s, n in stages)
+
+    @property
+    def io_seconds(self) -> float:
+        stages = [(s, self.blocks) for s in self.time_stages] + [(s, 1) for s in self.once_stages]
+        return sum(n * s.repeat * s.io_seconds for s, n in stages)
+
+    @property
+    def io_bytes(self) -> float:
+        stages = [(s, self.blocks) for s in self.time_stages] + [(s, 1) for s in self.once_stages]
+        return sum(n * s.repeat * s.io_bytes for s, n in stages)
+
+    @property
+    def io_bytes_per_block(self) -> float:
+        return sum(s.repeat * s.io_bytes for s in self.time_stages)
+
+    @property
+    def io_exceeds_compute_below_gbps(self) -> float | None:
+        """Disk GB/s below which a block's disk time exceeds its compute time, however well overlapped: the
+        block's (or the phase's) bytes over its compute seconds."""
+        stages = self.time_stages or self.once_stages
+        compute = sum(st.repeat * st.compute_seconds for st in stages)
+        moved = sum(st.repeat * st.io_bytes for st in stages)
+        return moved / compute / 1e9 if compute > 0 and moved else None
+
+    @property
+    def io_bound_below_gbps(self) -> float | None:
+        """Disk GB/s below which a block (or the phase) waits on the disk in at least one overlapped stage."""
+        values = [v for s in self.time_stages + self.once_stages if (v := s.io_bound_below_gbps) is not None]
+        return max(values) if values else None
+
 
 @dataclass
 class Plan:
@@ -355,6 +531,7 @@ class Plan:
     fixes: list[str]
     shape: ModelShape
     reference_terms: list[Term]  # what the reference implementation keeps in host RAM for the same Block-AP
+    precision: dict[str, str] = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -367,22 +544,24 @@ class Plan:
         raise KeyError(f"phase {name!r} was not planned; planned: {', '.join(p.phase for p in self.phases)}")
 
 
-def _term(name: str, nbytes: float, note: str, stage: str = "") -> Term:
-    return Term(name, int(math.ceil(nbytes)), note, stage)
+def _term(name: str, nbytes: float, note: str, *stages: str) -> Term:
+    return Term(name, int(math.ceil(nbytes)), note, tuple(stages))
 
 
-# ---- activation formulas ------------------------------------------------------------------------------------------
+# ---- activation formulas ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ActivationProfile:
     """How many tensors of each width autograd keeps per token in one decoder layer, and at which dtype.
 
-    ``norm_h``: hidden-sized tensors at ``norm_bytes`` kept by the two RMSNorms (their fp32 inputs and normalised
-    outputs, and the mid-block residual); ``cast_h``: hidden-sized 16-bit casts of norm outputs (autocast / bf16
-    only); ``attn_h``: nh*d-sized tensors around attention (q and the output; under autocast also the o_proj
-    input copy). k and v (nkv*d each) and the four intermediate-sized MLP tensors (gate out, act out, up out,
-    down in) are always kept at ``compute_bytes``. ``residual_bytes``: the residual stream's dtype.
+    ``norm_h``: hidden-sized fp32 tensors kept by the two RMSNorms (their fp32 inputs and normalised outputs);
+    ``cast_h``: hidden-sized ``compute_bytes`` copies of norm outputs (under autocast each linear casts its fp32
+    input anew: q, k, v, gate, up, and the o_proj input); ``attn_h``: nh*d-sized tensors around attention (the
+    rotated q and the attention output). k and v (nkv*d each) and the four intermediate-sized MLP tensors (gate
+    out, act out, up out, down in) are always kept at ``compute_bytes``. ``residual_bytes``: the residual stream's
+    dtype (what a block takes in and gives out). ``rstd``: per-token fp32 norm statistics kept, one per norm
+    whose input requires grad (Block-AP's block input does not).
     """
 
     compute_bytes: int
@@ -391,34 +570,29 @@ class ActivationProfile:
     norm_h: int
     cast_h: int
     attn_h: int
+    rstd: int = 2  # fp32 per-token statistics kept by the norms whose input requires grad
 
 
-# Fitted with saved_tensors_hooks on transformers 5.23 / torch 2.13 (CPU fp32 exactly; the CUDA rows from the same
-# layer under CPU bf16 autocast, the E2E rows with frozen norms and trainable linears):
+# Counted with saved_tensors_hooks on transformers 5.23 / torch 2.13 for the code as it is (tests/planner), keyed by
+# (phase, precision policy). Block-AP: fp32 masters and an fp32 residual, trained norms; E2E-QP: the model in the
+# policy's e2e dtype, frozen norms, block inputs that require grad (every block but the first).
 PROFILES = {
-    ("block_ap", "cpu"): ActivationProfile(4, 4, 4, norm_h=5, cast_h=0, attn_h=2),
-    ("block_ap", "cuda"): ActivationProfile(2, 4, 4, norm_h=3, cast_h=4, attn_h=3),  # fp32 residual, bf16 autocast
-    ("e2e_qp", "cpu"): ActivationProfile(4, 4, 4, norm_h=3, cast_h=0, attn_h=2),  # block input not counted
-    ("e2e_qp", "cuda"): ActivationProfile(2, 4, 2, norm_h=2, cast_h=2, attn_h=2),  # pure bf16 model
+    ("block_ap", "cpu"): ActivationProfile(4, 4, 4, norm_h=5, cast_h=0, attn_h=2, rstd=1),
+    ("block_ap", "cuda"): ActivationProfile(2, 4, 4, norm_h=3, cast_h=5, attn_h=2, rstd=1),
+    ("e2e_qp", "cpu"): ActivationProfile(4, 4, 4, norm_h=3, cast_h=0, attn_h=2),
+    ("e2e_qp", "cuda"): ActivationProfile(2, 4, 2, norm_h=2, cast_h=2, attn_h=2),
 }
 
 
 def saved_bytes_per_token(shape: ModelShape, p: ActivationProfile) -> int:
     """Bytes autograd keeps per token for one decoder layer's backward (block input excluded)::
 
-        norm_bytes*norm_h*H + c*(cast_h*H + attn_h*nh*d + 2*nkv*d + 4*I) + 4*nh (logsumexp) + 8 (two rstd)
+        norm_bytes*norm_h*H + c*(cast_h*H + attn_h*nh*d + 2*nkv*d + 4*I) + 4*nh (logsumexp) + 4*rstd
     """
     H, I, nh, nkv, d = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
     c = p.compute_bytes
-    return p.norm_bytes * p.norm_h * H + c * (p.cast_h * H + p.attn_h * nh * d + 2 * nkv * d + 4 * I) + 4 * nh + 8
-
-
-def backward_bytes_per_token(shape: ModelShape, p: ActivationProfile) -> int:
-    """Bytes per token alive beside the saved tensors at the backward peak (inside the MLP backward)::
-
-        c*2*I + residual_bytes*3*H     (two intermediate-sized grads; block output, loss diff / grad, input grad)
-    """
-    return p.compute_bytes * 2 * shape.intermediate + p.residual_bytes * 3 * shape.hidden
+    return (p.norm_bytes * p.norm_h * H + c * (p.cast_h * H + p.attn_h * nh * d + 2 * nkv * d + 4 * I) + 4 * nh
+            + 4 * p.rstd)
 
 
 def forward_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_bytes: int) -> int:
@@ -429,9 +603,23 @@ def forward_bytes_per_token(shape: ModelShape, compute_bytes: int, residual_byte
     return compute_bytes * 3 * shape.intermediate + residual_bytes * 2 * shape.hidden
 
 
-def _attention_flops(shape: ModelShape, L: int) -> int:
-    """Forward FLOPs of attention for one sequence in one layer: QK^T and AV, 2*L*L*nh*d each (no causal halving)."""
-    return 4 * L * L * shape.heads * shape.head_dim
+def _attention_flops(shape: ModelShape, L: int) -> float:
+    """Forward FLOPs of causal attention for one sequence in one layer: QK^T and AV, 2*L*L*nh*d each, halved
+    because flash attention skips the blocks above the diagonal."""
+    return 2 * L * L * shape.heads * shape.head_dim
+
+
+def _flops(s: PlanSettings, shape: ModelShape, dtype: str, linear: float, sequences: float, L: int,
+           passes: float) -> dict[str, float]:
+    """FLOPs by dtype: ``linear`` in the policy's ``dtype``, plus ``passes`` forward-equivalents of attention for
+    ``sequences`` sequences. ``--deterministic`` runs SDPA's math backend: the whole L x L square (no causal
+    skipping, 4*L*L*nh*d forward), computed in fp32 (it upcasts 16-bit inputs), so on the CUDA cores."""
+    out = {dtype: linear}
+    if s.deterministic:
+        out["float32"] = out.get("float32", 0.0) + passes * sequences * 2 * _attention_flops(shape, L)
+    else:
+        out[dtype] += passes * sequences * _attention_flops(shape, L)
+    return out
 
 
 def packed_linear_bytes(lin: Linear, wbits: int, group_size: int) -> dict[str, int]:
@@ -450,7 +638,19 @@ def packed_linear_bytes(lin: Linear, wbits: int, group_size: int) -> dict[str, i
 def packed_model_bytes(shape: ModelShape, wbits: int, group_size: int) -> int:
     """The quantized model on disk: packed blocks, fp16 norms, 16-bit embeddings / lm_head / final norm."""
     block = sum(sum(packed_linear_bytes(lin, wbits, group_size).values()) for lin in shape.linears)
-    return shape.layers * (block + 2 * shape.hidden * 2) + shape.extra_params * 2
+    norms = shape.other_params - sum(lin.out_features for lin in shape.linears if lin.bias)
+    return shape.layers * (block + 2 * norms) + shape.extra_params * 2
+
+
+def packed_matmul_bytes(wbits: int, compute_bytes: int) -> float:
+    """Device-memory traffic per weight of one micro-batch's packed matmuls in E2E-QP, beyond the GEMMs' own
+    operands (memory-bound; the dequantize-then-GEMM path): three dequantizations (forward, recomputed forward,
+    backward for dL/dx), each reading the b-bit code and writing the c-byte weight; the scale gradient's
+    reduction reads dL/dW (fp32) and the code again::
+
+        3*(b/8 + c) + 4 + b/8
+    """
+    return 3 * (wbits / 8 + compute_bytes) + 4 + wbits / 8
 
 
 def _adam8bit_bytes(numel: int) -> int:
@@ -475,182 +675,360 @@ def _check_groups(shape: ModelShape, group_size: int) -> None:
             )
 
 
-# ---- the phases ------------------------------------------------------------------------------------------------
+def _cast_cache(compute_bytes: int, linear_params: int, largest: int) -> int:
+    """Bytes of the 16-bit weight copies a no-grad forward of a freshly built block holds under autocast:
+    autocast caches its cast of every leaf tensor that requires grad until the autocast region ends, and the
+    block's weights do (nn.Parameter's default), so every linear's copy lives through the region (``c*Pl``);
+    without autocast (fp32) there is none."""
+    return compute_bytes * linear_params if compute_bytes < 4 else 0
+
+
+def _cast_cache_note(compute_bytes: int) -> str:
+    if compute_bytes >= 4:
+        return "0: no autocast (fp32)"
+    return (f"{compute_bytes}*Pl: autocast keeps its cast of every weight that requires grad until the region "
+            "ends")
+
+
+def math_attention_bytes(shape: ModelShape, batch: int, seqlen: int, backward: bool) -> int:
+    """Attention on SDPA's math backend (``--deterministic``), which computes 16-bit inputs in fp32 and
+    materialises ``[b, nh, L, L]`` tensors, and the float causal mask (``4*L*L``).
+
+    Forward (no grad): the scores and the masked scores (8 B per element), and beside them the fp32 q (rotated,
+    then scaled), k and v (repeated to all heads) and the normed hidden state: ``20*b*L*nh*d + 4*b*L*H``.
+    Backward: the saved probabilities, their grad and the softmax's grad (12 B per element); the q/k/v copies are
+    left out there, as the stage's other terms (the whole layer's saved activations) already over-count it.
+    """
+    squares = (12 if backward else 8) * batch * shape.heads * seqlen * seqlen + 4 * seqlen * seqlen
+    if backward:
+        return squares
+    return squares + 20 * batch * seqlen * shape.heads * shape.head_dim + 4 * batch * seqlen * shape.hidden
+
+
+def cuda_only_terms(phase: str, shape: ModelShape, s: PlanSettings) -> list[Term]:
+    """What a GPU holds that torch's allocator counters (and a simulation on the CPU) do not see: the CUDA context,
+    cuBLAS workspace and allocator reserve; flash attention's backward accumulates dL/dq in an fp32 buffer
+    allocated inside the kernel (``T*nh*d*4``)."""
+    out = [_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated")]
+    tokens = {"block_ap": s.batch_size * s.seqlen, "e2e_qp": s.e2e_batch_size * s.e2e_seqlen}.get(phase)
+    if tokens is not None and not s.deterministic:  # the math backend has no such buffer
+        out.append(_term("flash-attention backward dq accumulator (fp32)", tokens * shape.heads * shape.head_dim * 4,
+                         "T*nh*d*4, inside the kernel"))
+    return out
+
+
+# ---- time -------------------------------------------------------------------------------------------------------
+
+
+def _stage(s: PlanSettings, name: str, *, flops: dict[str, float] | None = None, elementwise: float = 0.0,
+           io: float = 0.0, overlapped: bool = True, repeat: int = 1) -> StageTime:
+    """A stage's time: matmul FLOPs per dtype at that dtype's achieved rate, elementwise bytes at the achieved
+    memory bandwidth (not priced on a CPU: the CPU rate is an effective one), disk bytes at ``disk_gbps``."""
+    flops = {k: v for k, v in (flops or {}).items() if v}
+    compute = sum(v / s.matmul_flops_per_second(k) for k, v in flops.items())
+    bandwidth = s.elementwise_bytes_per_second
+    if bandwidth:
+        compute += elementwise / bandwidth
+    return StageTime(name, compute, io / (s.disk_gbps * 1e9), io, overlapped, repeat, flops,
+                     elementwise if bandwidth else 0.0)
+
+
+def fake_quant_bytes() -> dict[str, int]:
+    """Device-memory traffic of ``primitives.fake_quant`` per weight (fp32 W), counted pass by pass::
+
+        forward   W/s, round, +z, clamp, -z, *s: 6 x (read 4 + write 4) = 48; the autocast cast to 16 bits 6
+        backward  grad to fp32 6; W/s 8; round 8; +z 8; >= 0 5; <= qmax 5; & 3; clamp_ 8; -z 8;
+                  x*inside 9; qz - x 12; *go 12; sum 4; go*inside 9; sum 4; sum 4        = 113
+    """
+    return {"forward": FAKE_QUANT_FORWARD_BYTES, "backward": FAKE_QUANT_BACKWARD_BYTES}
+
+
+# ---- the phases -------------------------------------------------------------------------------------------------
 
 
 def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     """Block-AP, one block at a time (block_ap/run.py): the peak of any block, the time of all of them."""
+    prec = s.precision(shape.bf16_activations)
     P, Pl, G, H = shape.block_params, shape.block_linear_params, shape.block_groups(s.group_size), shape.hidden
-    Wmax, c, cuda = shape.largest_linear.numel, s.compute_bytes, s.device == "cuda"
-    T, L, n_all = s.batch_size * s.seqlen, s.seqlen, s.train_size + s.val_size
-    prof = PROFILES[("block_ap", s.device)]
-    stream = n_all * L * H * 2
-    chunk = _chunk_bytes(shape, L, s.chunk_mb, 2, n_all)
+    Wmax, cuda = shape.largest_linear.numel, s.device == "cuda"
+    ct, cn, sb = prec.train_bytes, prec.nograd_bytes, prec.stream_bytes
+    mb, ga, L = s.batch_size, s.block_ap_grad_accum, s.seqlen
+    T, n_all = mb * L, s.train_size + s.val_size
+    prof = PROFILES[("block_ap", prec.name)]
+    stream = n_all * L * H * sb
+    chunk = _chunk_bytes(shape, L, s.chunk_mb, sb, n_all)
     ckpt = 12 * P + 24 * G
     train = s.epochs > 0
+    update, wrap, fwdbwd, opt, val = "stream update", "wrap", "forward+backward", "optimizer step", "validation"
+    pairs = (BATCHES_AHEAD + 1) * ga * 2 * T * H * 4
+    # --deterministic: attention on SDPA's math backend peaks in stages of its own, after the MLP (forward) or
+    # once the MLP's backward is done (its activations freed, its weights' fp32 grads made)
+    math_update, math_back, math_val = ((("stream attention",), ("attention backward",), ("validation attention",))
+                                        if s.deterministic else ((), (), ()))
+    mlp = sum(lin.numel for lin in shape.linears if lin.name.startswith("mlp."))
+    up_cast = 4 if ct < 4 else 0  # the fp32 copy of W_hat's incoming 16-bit grad (fake_quant computes in fp32)
 
     dev = [
         _term("block fp32 master weights", 4 * P, "4*P: linears, norms and biases of one block"),
         _term("scales + zeros", 2 * G * (16 if train else 4),
               "2*G*16: fp32 value, grad and two AdamW moments each" if train else "2*G*4: fp32"),
-        _term("stream update micro-batch (no grad)", T * (4 * H + forward_bytes_per_token(shape, c, 4)),
-              "T*(4*H + c*3*I + 4*2*H): fp32 input and the layer's forward transients", "stream update"),
+        _term("stream update micro-batch (fp32 input)", T * 4 * H, "T*4*H", update, *math_update),
+        _term("stream update forward transients", T * forward_bytes_per_token(shape, cn, 4),
+              f"T*({cn}*3*I + 4*2*H): the layer's forward activations (no grad)", update),
+        _term("autocast's copies of the weights (fp update)", _cast_cache(cn, Pl, Wmax),
+              _cast_cache_note(cn), update),
+        _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
+              wrap),
     ]
     if train:
         dev += [
-            # Each linear's saved weight is freed by the backward node that creates its fp32 grad, so the two
-            # trade places during backward instead of adding up; the grads are the larger (c <= 4, Pl <= P).
-            _term("block weight grads / weights kept for backward", 4 * P,
-                  "4*P: fp32 grads (zero_grad sets None), exchanged during backward for the c-byte weight each "
-                  "matmul saved (c*Pl <= 4*P; fake_quant itself saves only W, s, z)"),
-            _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32"),
-            _term("fake-quant backward, largest linear", (13 + (2 if cuda else 0)) * Wmax,
-                  f"{13 + (2 if cuda else 0)}*Wmax: fp32 grad of W_hat, recomputed W/s and q - z, the clip mask"
-                  + (" + the bf16 grad" if cuda else ""), "training"),
-            _term("micro-batches in flight (fp32 input + target)", (BATCHES_AHEAD + 1) * 2 * T * H * 4,
-                  f"{BATCHES_AHEAD + 1}*2*T*H*4: the pair in use and {BATCHES_AHEAD} read ahead", "training"),
+            _term("AdamW exp_avg + exp_avg_sq", 8 * P, "8*P, fp32: made by the first step, freed with the block"),
+            _term("micro-batches in flight (fp32 input + target)", pairs,
+                  f"{BATCHES_AHEAD + 1}*{ga}*2*T*H*4: the step in use and {BATCHES_AHEAD} read ahead onto the device",
+                  fwdbwd, opt, val, *math_back, *math_val),
             _term("saved activations of one layer", T * saved_bytes_per_token(shape, prof),
-                  f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", "training"),
-            _term("backward working set", T * backward_bytes_per_token(shape, prof),
-                  f"T*{backward_bytes_per_token(shape, prof)} B/token: c*2*I + 4*3*H", "training"),
+                  f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", fwdbwd),
+            _term("fake-quantized weights kept for backward", ct * Pl, f"{ct}*Pl: each matmul keeps its W_hat", fwdbwd),
+            _term("fake-quant backward, largest linear", (12 + up_cast) * Wmax,
+                  f"{12 + up_cast}*Wmax: W/s, round, + z (fp32)" + (", the incoming grad made fp32" if up_cast else ""),
+                  fwdbwd),
+            _term("fp32 grad of the linear before it", (4 - ct) * Wmax,
+                  f"(4 - {ct})*Wmax: took the place of its {ct}-byte W_hat", fwdbwd),
+            _term("weight grads", 4 * P, "4*P fp32, until the next step's zero_grad", opt, val, *math_val),
+            _term("AdamW temporaries", 4 * P if cuda else 8 * Wmax,
+                  "4*P: foreach sqrt of exp_avg_sq over the weights group (torch's default for CUDA tensors)" if cuda
+                  else "8*Wmax: the single-tensor AdamW's sqrt and its quotient, one parameter at a time", opt),
+            _term("fake-quant forward (validation), largest linear", 12 * Wmax
+                  + T * forward_bytes_per_token(shape, cn, 4),
+                  f"12*Wmax + T*({cn}*3*I + 4*2*H): W/s, round, q - z live at once; the layer's activations", val),
         ]
+    dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
+    if s.deterministic:
+        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, Pl - mlp, Wmax),
+                         "before the MLP: only q, k, v, o are cast yet", "stream attention"))
+        dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
+                         "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
+                         "stream attention", *math_val))
+        if train:
+            dev += [
+                _term("saved activations of the attention half", T * (saved_bytes_per_token(shape, prof)
+                                                                      - prof.compute_bytes * 4 * shape.intermediate),
+                      "T*(saved per token - c*4*I): the MLP's are freed by now", *math_back),
+                _term("fp32 grads of the MLP linears, attention's W_hat", 4 * mlp + ct * (Pl - mlp),
+                      f"4*Pl_mlp + {ct}*Pl_attn", *math_back),
+                _term("math attention backward (deterministic)", math_attention_bytes(shape, mb, L, True),
+                      "12*b*nh*L*L + 4*L*L: fp32 probabilities, their grads, the mask",
+                      *math_back),
+            ]
     if cuda:
-        dev.append(_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"))
+        dev += cuda_only_terms("block_ap", shape, s)
 
     host = [
         _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P from the safetensors mmap"),
-        _term("stream chunks in flight", (CHUNKS_AHEAD + 1 + 2 + 1) * chunk,
-              f"6*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + their concatenation, "
-              "journal serialisation", "stream update"),
+        _term("stream chunks in flight", (CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1) * chunk,
+              f"{CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1}*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, "
+              f"the outputs + their concatenation, {WRITES_AHEAD + 1} with the writer thread", update),
         _term("embedding table (first block only)", shape.vocab * H * 2 + 2 * chunk,
               "V*H*2 + 2*chunk: embeds the windows into both streams", "embed"),
     ]
     if train and cuda:  # on CPU the checkpoint is written straight from the training tensors (no copy)
-        host.append(_term("training checkpoint host copies", ckpt,
-                          "12*P + 24*G: the GPU training state copied to RAM for safetensors' save_file",
-                          "checkpoint save"))
-        if cuda:
-            host.append(_term("micro-batch staging (fp16, pinned)", 2 * T * H * 2, "2*T*H*2", "training"))
+        host += [
+            _term("training checkpoint host copies", ckpt,
+                  "12*P + 24*G: the GPU training state copied to RAM for safetensors' save_file", "checkpoint save"),
+            _term("micro-batch staging (pinned)", (BATCHES_AHEAD + 1) * ga * 2 * T * H * (sb + 4),
+                  "the read-ahead steps' stream rows and their fp32 pinned copies", fwdbwd),
+        ]
 
     disk = [
-        _term("fp stream (teacher activations)", stream, "(N+Nv)*L*H*2, fp16, updated in place"),
-        _term("quant stream", stream, "(N+Nv)*L*H*2, fp16, updated in place"),
-        _term("stream journal", chunk, "one chunk"),
+        _term("fp stream (teacher activations)", stream, f"(N+Nv)*L*H*{sb}, updated in place"),
+        _term("quant stream", stream, f"(N+Nv)*L*H*{sb}, updated in place"),
+        _term("spare chunk of each stream", 2 * chunk, "2*chunk: an update writes each output one chunk away"),
         _term("block training checkpoint (x2 while replaced)", 2 * ckpt if train else 0,
               "2*(12*P + 24*G): fp32 weights + AdamW + scales/zeros; old and new during the atomic rename"),
         _term("packed output model", packed_model_bytes(shape, s.wbits, s.group_size),
               "b/8 bytes/weight + fp16 scales + b-bit zeros + int32 g_idx; 16-bit embeddings/norms"),
     ]
 
-    steps = s.epochs * (s.train_size // s.batch_size)
-    val_batches = (s.epochs + 1) * math.ceil(s.val_size / s.batch_size)
-    att = _attention_flops(shape, L)
-    flops = (steps * s.batch_size * (6 * Pl * L + 3 * att)  # train: forward + backward
-             + val_batches * s.batch_size * (2 * Pl * L + att)  # validation before training and per epoch
-             + 2 * n_all * (2 * Pl * L + att))  # fp stream and quant stream updates
-    io = (2 * 3 * stream  # both updates: read, journal, write
-          + 2 * L * H * 2 * (steps + val_batches) * s.batch_size  # input + target of every (validation) step
-          + P * 2  # the block's 16-bit weights
-          + (s.epochs * ckpt if train else 0))  # a checkpoint at every epoch end
-    return _phase("block_ap", s, dev, host, disk, flops * shape.layers, io, shape.layers)
+    # Time of one block. Reads ahead (weights, micro-batches, stream chunks) and the stream writes (a writer
+    # thread, each update reading and writing its stream once) overlap compute; checkpoints do not.
+    row = L * H * sb
+    steps = s.epochs * (s.train_size // (mb * ga))
+    nograd = _dtype_name(prec.nograd_autocast)
+    micro_update = math.ceil(n_all / mb)  # calls of the block in one update: each casts the weights anew
+    fq = fake_quant_bytes()
+    stages = [
+        _stage(s, "fp update", flops=_flops(s, shape, nograd, n_all * 2 * Pl * L, n_all, L, 1),
+               elementwise=micro_update * 6 * Pl,
+               io=2 * stream + 2 * P),  # + the next block's 16-bit weights, read ahead meanwhile
+    ]
+    if train:
+        val_calls = math.ceil(s.val_size / mb)
+        stages += [
+            _stage(s, "validation", flops=_flops(s, shape, nograd, s.val_size * 2 * Pl * L, s.val_size, L, 1),
+                   elementwise=val_calls * fq["forward"] * Pl, io=2 * s.val_size * row, repeat=s.epochs + 1),
+            _stage(s, "training", flops=_flops(s, shape, _dtype_name(prec.train_autocast),
+                                               steps * mb * ga * 6 * Pl * L, steps * mb * ga, L, 3),
+                   elementwise=steps * (ga * (fq["forward"] + fq["backward"]) * Pl + 12 * (ga - 1) * P
+                                        + ADAMW_BYTES * (P + 2 * G)),
+                   io=steps * mb * ga * 2 * row),
+            _stage(s, "checkpoints", io=s.epochs * ckpt, overlapped=False),
+        ]
+    stages.append(_stage(s, "quant update", flops=_flops(s, shape, nograd, n_all * 2 * Pl * L, n_all, L, 1),
+                         elementwise=micro_update * 6 * Pl, io=2 * stream))
+    stages.append(_stage(s, "save", io=packed_model_bytes(shape, s.wbits, s.group_size) / shape.layers,
+                         overlapped=False))
+    return _phase("block_ap", s, dev, host, disk, stages, _dtype_name(prec.train_autocast if train else
+                                                                      prec.nograd_autocast), shape.layers)
 
 
 def plan_e2e_qp(shape: ModelShape, s: PlanSettings) -> PhasePlan:
-    """E2E-QP: packed weights stay packed, only the scales train; gradient checkpointing per block; chunked logits."""
-    H, V, n, c, cuda = shape.hidden, shape.vocab, shape.layers, s.compute_bytes, s.device == "cuda"
+    """E2E-QP (e2e_qp/run.py): the model assembled over packed weights in the policy's e2e dtype, activation
+    checkpointing per block, the lm_head and loss over chunks of tokens; only the fp32 scales train."""
+    prec = s.precision(shape.bf16_activations)
+    H, V, n, cuda = shape.hidden, shape.vocab, shape.layers, s.device == "cuda"
+    e, c = prec.e2e_bytes, _dtype_bytes(prec.e2e_autocast)
     T, L = s.e2e_batch_size * s.e2e_seqlen, s.e2e_seqlen
-    prof = PROFILES[("e2e_qp", s.device)]
+    prof = PROFILES[("e2e_qp", prec.name)]
     G = n * shape.block_groups(s.group_size)
-    packed = n * sum(sum(v for k, v in packed_linear_bytes(lin, s.wbits, s.group_size).items() if k in
-                         ("qweight", "qzeros")) for lin in shape.linears)
+    packed = n * sum(sum(v for k, v in packed_linear_bytes(lin, s.wbits, s.group_size).items()
+                         if k in ("qweight", "qzeros", "g_idx")) for lin in shape.linears)
     adam = n * sum(_adam8bit_bytes(lin.groups(s.group_size)) for lin in shape.linears)
-    frozen = n * (2 * H + sum(lin.out_features for lin in shape.linears if lin.bias)) + shape.extra_params
+    frozen = n * shape.other_params + shape.extra_params
     big = shape.largest_linear
-    chunk_tokens = s.e2e_batch_size * min(s.logits_chunk, L)
+    rows = min(s.logits_chunk, s.e2e_batch_size * (L - 1))
+    back, loss = "block backward", "loss"
+    from frugal_qat.quantizer.packed import packed_matmul_transients  # the kernels' own accounting
+
+    mm = packed_matmul_transients(big.in_features, big.out_features, T, c, s.device)
 
     dev = [
-        _term("packed weights + zeros (int32)", packed, "n*sum(in*out*b/32 + in/g*out*b/32 words)*4"),
+        _term("packed weights, zeros, g_idx (int32)", packed, "n*sum(in*b/32*out + in/g*out*b/32 + in)*4"),
         _term("scales fp32 master", 4 * G, "4*G over all blocks"),
         _term("scale grads (fp32)", 4 * G, "4*G, accumulated over the micro-batches"),
         _term("8-bit AdamW states", adam, f"2 B/scale + 2*4 B per {BNB_BLOCK} (min_8bit_size=1: every tensor 8-bit)"),
-        _term("embeddings + lm_head + norms (frozen)", c * frozen, f"{c}*(V*H*{1 if shape.tied else 2} + norms)"),
-        _term("checkpointed block inputs", (n + 1) * T * H * c, "(n+1)*T*H*c: one hidden state per block + the last"),
-        _term("recompute: saved activations of one block", T * saved_bytes_per_token(shape, prof),
-              f"T*{saved_bytes_per_token(shape, prof)} B/token"),
-        _term("backward working set", T * backward_bytes_per_token(shape, prof),
-              f"T*{backward_bytes_per_token(shape, prof)} B/token"),
-        _term("logits chunk + its grad (fp32)", 2 * chunk_tokens * V * 4, "2*b*chunk*V*4"),
+        _term("embeddings, lm_head, norms, biases", e * frozen,
+              f"{e}*(V*H*{1 if shape.tied else 2} + H + n*(norms + biases)): frozen, {_dtype_name(prec.e2e_dtype)}"),
+        _term("checkpointed block inputs", n * T * H * e,
+              f"n*T*H*{e}: the embeddings' output and every block's but the last, kept by activation checkpointing"),
+        _term("recomputed block: saved activations", T * saved_bytes_per_token(shape, prof),
+              f"T*{saved_bytes_per_token(shape, prof)} B/token (see saved_bytes_per_token)", back),
+        _term("MLP backward working set", T * e * H + max(3 * T * c * shape.intermediate,
+                                                          T * c * shape.intermediate + mm["backward"]),
+              f"T*{e}*H (the grad of the block output) + the larger of T*3*{c}*I (the grads around the activation "
+              f"function) and T*{c}*I + the down projection's packed backward transients "
+              f"(quantizer.packed.packed_matmul_transients: {mm['backward'] / GiB:.2f} GiB)", back),
+        _term("last hidden states, final norm, shifted copy", T * H * (3 * e + 4),
+              f"T*H*(3*{e} + 4): the last block's output, the norm's fp32 input and output, hidden[:, :-1]", loss),
+        _term("logits chunk, recomputed, and its grads", (2 * c + 12) * rows * V,
+              f"(2*{c} + 12)*chunk*V: {c}-byte logits, fp32 copy, log-softmax and their grads", loss),
     ]
+    if s.deterministic:  # after the recomputed block's MLP backward: its activations freed
+        attn = "attention backward"
+        dev += [
+            _term("recomputed block: saved activations of the attention half",
+                  T * (saved_bytes_per_token(shape, prof) - prof.compute_bytes * 4 * shape.intermediate),
+                  "T*(saved per token - c*4*I)", attn),
+            _term("grad of the block's attention output", T * e * H, f"T*{e}*H", attn),
+            _term("math attention backward (deterministic)", math_attention_bytes(shape, s.e2e_batch_size, L, True),
+                  "12*b*nh*L*L + 4*L*L: fp32 probabilities, their grads, the mask", attn),
+        ]
     if cuda:
-        dev += [
-            _term("scales bf16 compute copy", 2 * G, "2*G"),
-            _term("dequantized tile of the largest layer", s.dequant_tile * big.out_features * 2,
-                  f"tile*out*2 = {s.dequant_tile}*{big.out_features}*2"),
-            _term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"),
-        ]
-    else:  # the torch path dequantizes TORCH_TILE_ROWS rows at a time, never a whole layer (measured: docs/MEMORY.md)
-        tile = TORCH_TILE_ROWS * max(lin.out_features for lin in shape.linears)
-        dev += [
-            _term("dequantized tile of the widest layer (fp32)", 4 * tile,
-                  f"rows*out*4 = {TORCH_TILE_ROWS}*{tile // TORCH_TILE_ROWS}*4, one tile at a time"),
-            _term("scale-grad temporaries, one tile", 2 * 4 * tile, "2*rows*out*4: the tile's dL/dW and (q - z)"),
-        ]
+        dev += cuda_only_terms("e2e_qp", shape, s)
     host = [
         _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("token batches", 2 * 2 * T * 8, "2 micro-batches of int64 inputs + labels"),
     ]
+    state = 4 * G + adam
     disk = [
         _term("output model (packed, trained scales)", packed_model_bytes(shape, s.wbits, s.group_size), "as Block-AP"),
-        _term("E2E checkpoint (x2 while replaced)", 2 * (4 * G + adam), "2*(4*G + 8-bit AdamW)"),
+        _term("E2E checkpoint (x2 while replaced)", 2 * state, "2*(4*G + 8-bit AdamW)"),
     ]
-    tokens = s.e2e_epochs * s.e2e_train_size * L
-    # forward 2, recompute 2, grad of inputs 2, grad of scales (needs dL/dW per group) 2; lm_head frozen: 4*V*H
-    flops = (tokens * (8 * n * shape.block_linear_params + 4 * V * H)
-             + s.e2e_epochs * s.e2e_train_size * n * 4 * _attention_flops(shape, L))  # forward, recompute, backward
-    io = 2 * packed_model_bytes(shape, s.wbits, s.group_size)  # read once, write once
-    return _phase("e2e_qp", s, dev, host, disk, flops, io, 1)
+    # Time: per token, forward 2*Pl, recomputed forward 2*Pl, dL/dx 2*Pl and dL/dW for the scale gradient 2*Pl
+    # per block; the frozen lm_head forward, recompute and dL/dh: 6*V*H. Attention: forward, recompute, backward.
+    sequences = s.e2e_epochs * s.e2e_train_size
+    tokens = sequences * L
+    micro = sequences / s.e2e_batch_size
+    steps = sequences // (s.e2e_batch_size * s.grad_accum)
+    dtype = _dtype_name(prec.e2e_autocast)
+    model_bytes = packed_model_bytes(shape, s.wbits, s.group_size)
+    once = [
+        _stage(s, "build model", io=model_bytes, overlapped=False),
+        _stage(s, "steps", flops=_flops(s, shape, dtype, tokens * (8 * n * shape.block_linear_params + 6 * V * H),
+                                        sequences * n, L, 4),
+               elementwise=micro * n * shape.block_linear_params * packed_matmul_bytes(s.wbits, c) + steps * 20 * G),
+        _stage(s, "checkpoints", io=state * math.ceil(steps / s.e2e_ckpt_every), overlapped=False),
+        _stage(s, "write", io=model_bytes, overlapped=False),
+    ]
+    return _phase("e2e_qp", s, dev, host, disk, [], dtype, 1, once)
 
 
 def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
-    """Perplexity, streamed block by block (eval/ppl.py): hidden states of all windows in an fp32 scratch file."""
+    """Perplexity, streamed block by block (eval/ppl.py): hidden states of all windows in an fp32 scratch file,
+    blocks under the policy's no-grad context, then the fp32 final norm and lm_head window by window."""
+    prec = s.precision(shape.bf16_activations)
     H, V, P, L = shape.hidden, shape.vocab, shape.block_params, s.seqlen
-    c, T = s.compute_bytes, s.eval_batch_size * s.seqlen
+    cn, T = prec.nograd_bytes, s.eval_batch_size * s.seqlen
     stream = s.eval_samples * L * H * 4
     chunk = _chunk_bytes(shape, L, s.chunk_mb, 4, s.eval_samples)
-    logit_rows = min(s.logits_chunk, L - 1)
+    rows = min(s.logits_chunk, L - 1)
+    Wmax = shape.largest_linear.numel
+    attention = ("attention",) if s.deterministic else ()  # math SDPA peaks before the MLP
     dev = [
-        _term("current block (fp32)", 4 * P, "4*P", "blocks"),
-        _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks"),
-        _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, c, 4),
-              "T*(c*3*I + 4*2*H)", "blocks"),
+        _term("current block (fp32)", 4 * P, "4*P", "blocks", *attention),
+        _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks", *attention),
+        _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, cn, 4),
+              f"T*({cn}*3*I + 4*2*H): activations", "blocks"),
+        _term("autocast's copies of the weights", _cast_cache(cn, shape.block_linear_params, Wmax),
+              _cast_cache_note(cn), "blocks"),
         _term("lm_head (fp32) + one window", V * H * 4 + 2 * L * H * 4, "V*H*4 + 2*L*H*4", "head"),
-        _term("logits chunk + log-softmax (fp32)", 2 * logit_rows * V * 4, "2*chunk*V*4, one window", "head"),
+        _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
+    if s.deterministic:
+        attn = sum(lin.numel for lin in shape.linears if not lin.name.startswith("mlp."))
+        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, attn, Wmax),
+                         "before the MLP: only q, k, v, o are cast yet", "attention"))
+        dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
+                                                                                          False),
+                         "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
+                         "attention"))
     if s.device == "cuda":
-        dev.append(_term("CUDA context + workspace", s.cuda_reserve, "not seen by max_memory_allocated"))
+        dev += cuda_only_terms("ppl_eval", shape, s)
     host = [
         _term("Python + torch baseline", s.host_baseline, "RSS of a run that is not tensors (measured)"),
         _term("blocks read ahead (fp32)", BLOCKS_AHEAD * 4 * P, f"{BLOCKS_AHEAD}*4*P"),
-        _term("stream chunks in flight (fp32)", (CHUNKS_AHEAD + 1 + 2) * chunk,
-              f"5*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, outputs + concatenation", "blocks"),
+        _term("stream chunks in flight (fp32)", (CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1) * chunk,
+              f"{CHUNKS_AHEAD + 1 + 2 + WRITES_AHEAD + 1}*chunk ({chunk / MiB:.0f} MiB): {CHUNKS_AHEAD + 1} read, "
+              f"the outputs + their concatenation, {WRITES_AHEAD + 1} with the writer thread", "blocks"),
         _term("embedding table", shape.vocab * H * 2, "V*H*2 while the windows are embedded", "embed"),
     ]
-    disk = [_term("hidden-state scratch stream (fp32)", stream, "n_eval*L*H*4, deleted at the end")]
-    tokens = s.eval_samples * L
-    flops = (shape.layers * (2 * shape.block_linear_params * tokens + s.eval_samples * _attention_flops(shape, L))
-             + 2 * V * H * tokens)
-    io_block = 2 * stream + 2 * P
-    return _phase("ppl_eval", s, dev, host, disk, flops, io_block, shape.layers)
+    disk = [_term("hidden-state scratch stream (fp32)", stream + chunk, "n_eval*L*H*4 + a spare chunk, deleted at "
+                  "the end")]
+    nograd = _dtype_name(prec.nograd_autocast)
+    stages = [_stage(s, "block", flops=_flops(s, shape, nograd, s.eval_samples * 2 * shape.block_linear_params * L,
+                                              s.eval_samples, L, 1),
+                     elementwise=math.ceil(s.eval_samples / s.eval_batch_size) * 6 * shape.block_linear_params,
+                     io=2 * stream + 2 * P)]
+    once = [_stage(s, "head (fp32)", flops={"float32": 2 * V * H * s.eval_samples * (L - 1)})]
+    return _phase("ppl_eval", s, dev, host, disk, stages, nograd, shape.layers, once)
 
 
-def _phase(name: str, s: PlanSettings, dev: list[Term], host: list[Term], disk: list[Term], flops: float,
-           io_per_block: int, blocks: int) -> PhasePlan:
-    compute = flops / s.flops_per_second
-    io_seconds = io_per_block * blocks / (s.disk_gbps * 1e9)
-    p = PhasePlan(name, dev, host, disk, seconds=compute + io_seconds, io_bytes=io_per_block * blocks,
-                  device=s.device, compute_seconds=compute, io_seconds=io_seconds, io_bytes_per_block=io_per_block,
-                  blocks=blocks)
+def _dtype_name(dtype) -> str:
+    from frugal_qat.precision import dtype_name
+
+    return dtype_name(dtype)
+
+
+def _dtype_bytes(dtype) -> int:
+    from frugal_qat.precision import dtype_bytes
+
+    return dtype_bytes(dtype)
+
+
+def _phase(name: str, s: PlanSettings, dev: list[Term], host: list[Term], disk: list[Term],
+           stages: list[StageTime], compute_dtype: str, blocks: int, once: list[StageTime] | None = None) -> PhasePlan:
+    p = PhasePlan(name, dev, host, disk, stages, compute_dtype, device=s.device, blocks=blocks,
+                  once_stages=once or [])
     p.problems = _problems(p, s)
     return p
 
@@ -700,7 +1078,8 @@ def plan(config: dict[str, Any], settings: PlanSettings, phases: tuple[str, ...]
     problems = [msg for p in phase_plans for msg in p.problems]
     verdict = "fits" if not problems else "does not fit: " + "; ".join(problems)
     fixes = suggest_fixes(config, settings, phases) if problems else []
-    return Plan(shape.name, settings, phase_plans, verdict, fixes, shape, reference_host_terms(shape, settings))
+    return Plan(shape.name, settings, phase_plans, verdict, fixes, shape, reference_host_terms(shape, settings),
+                settings.precision(shape.bf16_activations).to_json())
 
 
 # ---- fixes ------------------------------------------------------------------------------------------------------
