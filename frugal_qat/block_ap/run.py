@@ -70,12 +70,12 @@ from frugal_qat.distributed import (
     shard_rows,
     sum_floats,
 )
-from frugal_qat.errors import ConfigError, Interrupted, OutOfSpace, ResumeMismatch, TrainingDiverged
+from frugal_qat.errors import ConfigError, Interrupted, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.activations import ActivationStream, StreamFile, StreamGeometry, chunk_samples
 from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
-from frugal_qat.planner import PlanSettings, plan
+from frugal_qat.planner.check import machine_limits, require_fit, settings_from_config
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.precision import Precision, dtype_name
 from frugal_qat.precision import resolve as resolve_precision
@@ -142,33 +142,11 @@ def check_layers(src: ModelSource, cfg: RunConfig) -> None:
             raise ConfigError(str(e)) from None
 
 
-def plan_settings(cfg: RunConfig, device: torch.device, **limits) -> PlanSettings:
-    """The planner's view of a Block-AP run (the planner knows nothing of RunConfig)."""
-    q, d, b = cfg.quant, cfg.data, cfg.block_ap
-    return PlanSettings(wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
-                        block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size,
-                        epochs=b.epochs, chunk_mb=cfg.offload.chunk_mb, device=device.type, **limits)
-
-
 def check_plan(src: ModelSource, cfg: RunConfig, device: torch.device, work: Path, out: Path) -> None:
     """Run the memory planner for this machine before anything heavy starts, and stop with its advice when the
     run cannot fit (GPU memory, RAM, or the disk still to be written)."""
-    existing = next(p for p in [work, *work.parents] if p.exists())
-    present = sum(f.stat().st_size for d in {work, out} if d.exists() for f in d.rglob("*") if f.is_file())
-    limits = {
-        "gpu_mem": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        "cpu_mem": psutil.virtual_memory().total,
-        "disk_free": shutil.disk_usage(existing).free + present,  # files of a resumed run are already paid for
-    }
-    p = plan(src.config, plan_settings(cfg, device, **limits), phases=("block_ap",))
-    if not p.fits:
-        fixes = "; ".join(p.fixes[:3]) or "free space, use a larger disk (--work-dir) or a smaller run"
-        raise OutOfSpace(f"this run does not fit this machine ({p.verdict.removeprefix('does not fit: ')}); "
-                         f"it would fit with: {fixes}. See `frugal-qat plan` for the full table")
-    phase = p.phase("block_ap")
-    log.info("plan: peak %s %.2f GiB, disk %.2f GiB, about %.1f h", "GPU" if device.type == "cuda" else "RAM",
-             (phase.device_peak if device.type == "cuda" else phase.ram_peak) / 2**30, phase.disk_total / 2**30,
-             phase.seconds / 3600)
+    limits = machine_limits(device, (work, out))
+    require_fit(src.config, settings_from_config(cfg, device.type, **limits), ("block_ap",))
 
 
 def existing_run(out: Path, cfg: RunConfig, src: ModelSource, data_fp: str) -> Manifest | None:

@@ -143,13 +143,15 @@ def _profiled(args, phase: str, plan_for: Callable[[], object], title: str):
 
 
 def _block_ap_profile(args, model_dir: Path, cfg):
-    from frugal_qat.block_ap.run import pick_device, plan_settings
+    from frugal_qat.block_ap.run import pick_device
     from frugal_qat.offload.weights import read_config
     from frugal_qat.planner import plan
+    from frugal_qat.planner.check import settings_from_config
 
     device = pick_device(cfg.offload.device)
     q, d, b = cfg.quant, cfg.data, cfg.block_ap
-    return _profiled(args, "block_ap", lambda: plan(read_config(model_dir), plan_settings(cfg, device), phases=("block_ap",)),
+    return _profiled(args, "block_ap", lambda: plan(read_config(model_dir), settings_from_config(cfg, device.type),
+                                                    phases=("block_ap",)),
                      f"block-ap {model_dir.name}: w{q.wbits}g{q.group_size}, {d.train_size}x{d.seqlen} windows, "
                      f"{b.epochs} epochs, batch {b.batch_size}, {device.type}")
 
@@ -229,7 +231,6 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def cmd_e2e_qp(args) -> int:
     from frugal_qat.block_ap.run import pick_device
-    from frugal_qat.checkpoint.run_dir import read_quant_config
     from frugal_qat.checkpoint.state import load_manifest
     from frugal_qat.e2e_qp.run import alpaca_examples, plan_settings, run_e2e_qp
     from frugal_qat.offload.weights import read_config
@@ -256,8 +257,7 @@ def cmd_e2e_qp(args) -> int:
     device = pick_device(cfg.offload.device)
 
     def plan_for():  # only under --profile
-        quant = read_quant_config(run)
-        return plan(read_config(run), plan_settings(cfg, quant["bits"], quant["group_size"], device), phases=("e2e_qp",))
+        return plan(read_config(run), plan_settings(cfg, run, device), phases=("e2e_qp",))
 
     title = (f"e2e-qp {run.name}: {e.train_size}x{e.seqlen} tokens, batch {e.batch_size} x accumulation "
              f"{e.grad_accum}, {device.type}")
@@ -301,24 +301,18 @@ def cmd_plan(args) -> int:
 
     import psutil
 
-    from frugal_qat.planner import PlanSettings, format_plan, load_model_config, parse_bytes, plan, plan_to_json
+    from frugal_qat.planner import format_plan, load_model_config, parse_bytes, plan, plan_to_json
+    from frugal_qat.planner.check import settings_from_config
 
     cfg = _run_config(args)  # the recipe + flags, validated like a real run
-    q, d, b, e, o = cfg.quant, cfg.data, cfg.block_ap, cfg.e2e_qp, cfg.offload
     cuda = args.plan_device == "cuda"
     overrides = {k: v for k, v in (("gpu_tflops", args.gpu_tflops), ("gpu_util", args.gpu_util),
                                    ("disk_gbps", args.disk_gbps)) if v is not None}
-    settings = PlanSettings(
-        wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
-        block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
-        e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
-        grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, e2e_ckpt_every=e.ckpt_every_steps,
-        chunk_mb=o.chunk_mb, device=args.plan_device, precision_policy=o.precision, stream_dtype=o.stream_dtype,
-        deterministic=o.deterministic,
-        gpu=args.gpu, gpu_mem=(parse_bytes(args.gpu_mem) if args.gpu_mem else "auto") if cuda else None,
+    settings = settings_from_config(
+        cfg, args.plan_device, gpu=args.gpu,
+        gpu_mem=(parse_bytes(args.gpu_mem) if args.gpu_mem else "auto") if cuda else None,
         cpu_mem=parse_bytes(args.cpu_mem) if args.cpu_mem else psutil.virtual_memory().total,
-        disk_free=shutil.disk_usage(args.disk).free if args.disk else None,
-        **overrides,
+        disk_free=shutil.disk_usage(args.disk).free if args.disk else None, **overrides,
     )
     config = load_model_config(args.model)
     p = plan(config, settings)

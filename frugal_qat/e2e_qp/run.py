@@ -27,7 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, logit_softcap, softcap
-from frugal_qat.checkpoint.run_dir import EXTRA_FILE, INDEX_FILE, TOKENIZER_FILES, model_bytes, save_block
+from frugal_qat.checkpoint.run_dir import (
+    EXTRA_FILE,
+    INDEX_FILE,
+    TOKENIZER_FILES,
+    model_bytes,
+    read_quant_config,
+    save_block,
+)
 from frugal_qat.checkpoint.state import (
     Manifest,
     Progress,
@@ -52,7 +59,9 @@ from frugal_qat.distributed import (
 )
 from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, ResumeMismatch, TrainingDiverged
 from frugal_qat.offload.blocks import ModelSource
+from frugal_qat.offload.weights import read_config
 from frugal_qat.planner import PlanSettings
+from frugal_qat.planner.check import machine_limits, require_fit, settings_from_config
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.precision import Precision
 from frugal_qat.precision import resolve as resolve_precision
@@ -312,12 +321,10 @@ def full_fp32(p: nn.Parameter) -> torch.Tensor:
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 
-def plan_settings(cfg: RunConfig, wbits: int, group_size: int, device: torch.device) -> PlanSettings:
-    """The planner's view of an E2E-QP run on a run directory quantized to ``wbits``/``group_size``."""
-    e = cfg.e2e_qp
-    return PlanSettings(wbits=wbits, group_size=group_size, e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size,
-                        grad_accum=e.grad_accum, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
-                        logits_chunk=e.logits_chunk, device=device.type)
+def plan_settings(cfg: RunConfig, run_dir: Path, device: torch.device, **limits) -> PlanSettings:
+    """The planner's view of an E2E-QP run on the Block-AP run ``run_dir`` (its own bits and group size)."""
+    quant = read_quant_config(run_dir)
+    return settings_from_config(cfg, device.type, wbits=quant["bits"], group_size=quant["group_size"], **limits)
 
 
 def run_e2e_qp(
@@ -394,6 +401,10 @@ def run_e2e_qp(
 
             return on_rank0(noop)
 
+    # Refuse a run that cannot fit before the model is built (its packed weights alone may be tens of GiB).
+    on_rank0(lambda: require_fit(read_config(run_dir), plan_settings(cfg, run_dir, device,
+                                                                     **machine_limits(device, (out.parent,))),
+                                 ("e2e_qp",)))
     mark("stage", "build model")
     precision = resolve_precision(device, cfg.offload.precision)
     model, src = build_packed_model(run_dir, device, precision.e2e_dtype)

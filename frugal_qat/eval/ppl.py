@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from tqdm import tqdm
 from frugal_qat.offload.activations import ActivationStream, new_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import prefetch
+from frugal_qat.planner import PlanSettings
+from frugal_qat.planner.check import machine_limits, require_fit
 from frugal_qat.precision import Precision
 from frugal_qat.precision import resolve as resolve_precision
 
@@ -52,6 +55,30 @@ def run_blocks(src: ModelSource, stream: ActivationStream, device: torch.device,
     bar.close()
 
 
+def window_nll(h: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, token_chunk: int,
+               logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda h, w: h @ w.T) -> torch.Tensor:
+    """Summed next-token cross-entropy of one window: ``h`` [L, H] its final-normed hidden states, ``labels`` [L-1]
+    the tokens that follow, ``head`` [V, H]. The [tokens, V] logits exist for ``token_chunk`` tokens at a time.
+    A 0-d float64 tensor (no ``.item()``: the planner's simulation runs this on fake tensors)."""
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for a in range(0, labels.shape[0], token_chunk):
+        chunk = logits(h[a : min(a + token_chunk, labels.shape[0])], head)
+        total += torch.nn.functional.cross_entropy(chunk, labels[a : a + chunk.shape[0]], reduction="sum").double()
+    return total
+
+
+def check_fits(src: ModelSource, n: int, seqlen: int, batch_size: int, chunk_mb: float, device: torch.device,
+               work_dir: str | Path | None) -> None:
+    """Refuse, before anything is read, an evaluation this machine cannot hold (the planner's ppl_eval phase:
+    one block, a batch of hidden states, the lm_head and a logits chunk; the fp32 scratch stream on disk)."""
+    quant = src.quant or {"bits": 4, "group_size": -1}  # a dense model: its shapes, not its bits, size the pass
+    scratch = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
+    settings = PlanSettings(wbits=quant["bits"], group_size=quant["group_size"], seqlen=seqlen, eval_samples=n,
+                            eval_batch_size=batch_size, chunk_mb=chunk_mb, device=device.type,
+                            **machine_limits(device, (scratch,)))
+    require_fit(src.config, settings, ("ppl_eval",))
+
+
 @torch.no_grad()
 def perplexity(
     model_dir: str | Path,
@@ -68,6 +95,7 @@ def perplexity(
     t0 = time.time()
     n, seqlen = windows.shape
     src = ModelSource(model_dir, seqlen=seqlen)
+    check_fits(src, n, seqlen, batch_size, chunk_mb, device, work_dir)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="frugal-eval-") as tmp:
         stream = new_stream(Path(tmp) / "hidden.bin", (n, seqlen, src.hidden), chunk_mb, dtype=torch.float32)
         emb = src.embed_weight()
@@ -77,14 +105,10 @@ def perplexity(
         run_blocks(src, stream, device, batch_size, show=show_progress)
         norm = src.final_norm().to(device)
         head = src.lm_head_weight().to(device, torch.float32)
-        nll, count = 0.0, 0
+        nll, count = 0.0, n * (seqlen - 1)
         for s in range(n):
             h = norm(stream.read(s, s + 1)[0].to(device))
-            labels = windows[s, 1:].to(device)
-            for a in range(0, seqlen - 1, token_chunk):
-                logits = src.logits(h[a : min(a + token_chunk, seqlen - 1)], head)
-                nll += torch.nn.functional.cross_entropy(logits, labels[a : a + logits.shape[0]], reduction="sum").item()
-                count += logits.shape[0]
+            nll += window_nll(h, windows[s, 1:].to(device), head, token_chunk, src.logits).item()
         stream.close()
     ppl = math.exp(nll / count)
     return {"ppl": ppl, "nll": nll / count, "tokens": count, "windows": n, "seqlen": seqlen, "seconds": time.time() - t0}

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
+import psutil
+
+from frugal_qat.config import RunConfig
 from frugal_qat.errors import OutOfSpace
 from frugal_qat.planner.estimate import PHASE_TITLES, GiB, Plan, PlanSettings, plan
 
@@ -31,3 +36,38 @@ def require_fit(config: dict[str, Any], settings: PlanSettings, phases: tuple[st
                  "GPU" if cuda else "RAM", (phase.device_peak if cuda else phase.ram_peak) / GiB,
                  phase.compute_dtype, phase.disk_total / GiB, phase.seconds / 3600)
     return p
+
+
+def settings_from_config(cfg: RunConfig, device: str, **overrides: Any) -> PlanSettings:
+    """The planner's view of a run's settings: every field of ``cfg`` the formulas read (the run's recipe and
+    flags), for a run on ``device`` ("cuda" or "cpu"); ``overrides`` set the rest (machine limits, the GPU model,
+    a run directory's own bits and group size for E2E-QP). The one place a RunConfig becomes PlanSettings."""
+    q, d, b, e, o = cfg.quant, cfg.data, cfg.block_ap, cfg.e2e_qp, cfg.offload
+    fields = dict(
+        wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
+        block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
+        e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
+        grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, e2e_ckpt_every=e.ckpt_every_steps,
+        chunk_mb=o.chunk_mb, device=device, precision_policy=o.precision, stream_dtype=o.stream_dtype,
+        deterministic=o.deterministic,
+    )
+    return PlanSettings(**{**fields, **overrides})
+
+
+def machine_limits(device: Any, disk_dirs: tuple[Path, ...] = ()) -> dict[str, int | None]:
+    """This machine's limits for :func:`require_fit`: the GPU's memory (CUDA), the host's RAM, and the free disk
+    under the first of ``disk_dirs`` plus what its files already hold (a resumed run has paid for them)."""
+    import torch
+
+    device = torch.device(device)
+    limits: dict[str, int | None] = {
+        "gpu_mem": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        "cpu_mem": psutil.virtual_memory().total,
+    }
+    if disk_dirs:
+        first = Path(disk_dirs[0])
+        existing = next(p for p in [first, *first.parents] if p.exists())
+        present = sum(f.stat().st_size for d in set(disk_dirs) if Path(d).exists()
+                      for f in Path(d).rglob("*") if f.is_file())
+        limits["disk_free"] = shutil.disk_usage(existing).free + present
+    return limits

@@ -211,6 +211,11 @@ class ShapeSource:
 
         return rotary(self.hf, self.arch)
 
+    def fill_buffers(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
+        from frugal_qat.arch import fill_buffers
+
+        fill_buffers(model, self.hf, self.arch, device)
+
 
 def _source(config: dict[str, Any], seqlen: int | None) -> ShapeSource:
     from frugal_qat.arch import arch_for, hf_config
@@ -442,14 +447,11 @@ def simulate_ppl_eval(config: dict[str, Any], s: PlanSettings, env: _Env) -> Non
             out = runner(block, 0, env.empty(s.eval_batch_size, L, H))
         del out, block
         env.stage("head")
-        # perplexity(): the final norm and the lm_head in fp32, one window, the logits of one token chunk
+        # perplexity(): the final norm and the lm_head in fp32, one window, its logits a token chunk at a time
+        from frugal_qat.eval.ppl import window_nll
+
         norm = src.arch.norm_cls(H, eps=src.hf.rms_norm_eps)
-        head = env.empty(V, H)
-        h = norm(env.empty(L, H))
-        labels = torch.zeros(L - 1, dtype=torch.long)
-        rows = min(s.logits_chunk, L - 1)
-        logits = h[:rows] @ head.T
-        torch.nn.functional.cross_entropy(logits, labels[:rows], reduction="sum")
+        window_nll(norm(env.empty(L, H)), torch.zeros(L - 1, dtype=torch.long), env.empty(V, H), s.logits_chunk)
         env.stage(None)
 
 
