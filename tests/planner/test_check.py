@@ -34,3 +34,34 @@ def test_a_run_that_fits_returns_its_plan_and_logs_the_peak(caplog):
     text = caplog.text
     assert "Block-AP (per block) peak GPU" in text and "E2E-QP peak GPU" in text and "bfloat16" in text
     assert f"{p.phase('e2e_qp').device_peak / 2**30:.2f} GiB" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.export import make_run
+
+    return make_run(tmp_path_factory.mktemp("fit"), 3, 32)
+
+
+def test_e2e_qp_and_perplexity_refuse_before_building_anything(tiny_run, tmp_path, monkeypatch):
+    """Both plan first, exactly like Block-AP: on a machine too small (RAM monkeypatched to 1 MiB) they stop with
+    the planner's verdict before the model is assembled, a stream is created or the output folder exists."""
+    import torch
+
+    import frugal_qat.e2e_qp.run as e2e
+    import frugal_qat.eval.ppl as ppl
+    from frugal_qat.config import resolve
+
+    tiny = {"gpu_mem": None, "cpu_mem": 2**20, "disk_free": 2**40}
+    monkeypatch.setattr(e2e, "machine_limits", lambda *a, **k: dict(tiny))
+    monkeypatch.setattr(ppl, "machine_limits", lambda *a, **k: dict(tiny))
+    monkeypatch.setattr(e2e, "build_packed_model", lambda *a, **k: pytest.fail("built before planning"))
+    cfg = resolve(None, {"e2e_qp.seqlen": 16, "e2e_qp.train_size": 2, "e2e_qp.batch_size": 1,
+                         "e2e_qp.grad_accum": 2, "offload.device": "cpu"})
+    ids = torch.randint(0, 128, (2, 16))
+    with pytest.raises(OutOfSpace, match="E2E-QP: host RAM peak"):
+        e2e.run_e2e_qp(tiny_run, tmp_path / "out", cfg, (ids, ids), device=torch.device("cpu"), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(ppl, "new_stream", lambda *a, **k: pytest.fail("a stream was created before planning"))
+    with pytest.raises(OutOfSpace, match="perplexity evaluation: host RAM peak"):
+        ppl.perplexity(tiny_run, ids, show_progress=False)
