@@ -773,8 +773,9 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("scales + zeros", 2 * G * (16 if train else 4),
               "2*G*16: fp32 value, grad and two AdamW moments each" if train else "2*G*4: fp32"),
         _term("stream update micro-batch (fp32 input)", T * 4 * H, "T*4*H", update, *math_update),
-        _term("stream update forward transients", T * forward_bytes_per_token(shape, cn, 4),
-              f"T*({cn}*3*I + 4*2*H): the layer's forward activations (no grad)", update),
+        _term("stream update forward transients", T * forward_bytes_per_token(shape, max(cn, prec.teacher_bytes), 4),
+              f"T*({max(cn, prec.teacher_bytes)}*3*I + 4*2*H): the layer's forward activations (no grad; the fp "
+              "update in the teacher's dtype)", update),
         _term("autocast's copies of the weights (fp update)", _cast_cache(cn, Pl, Wmax),
               _cast_cache_note(cn), update),
         _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
@@ -855,10 +856,11 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
     row = L * H * sb
     steps = s.epochs * (s.train_size // (mb * ga))
     nograd = _dtype_name(prec.nograd_autocast)
+    teacher = "tf32" if prec.teacher_tf32 else _dtype_name(prec.teacher_autocast)  # the fp stream's dtype
     micro_update = math.ceil(n_all / mb)  # calls of the block in one update: each casts the weights anew
     fq = fake_quant_bytes()
     stages = [
-        _stage(s, "fp update", flops=_flops(s, shape, nograd, n_all * 2 * Pl * L, n_all, L, 1),
+        _stage(s, "fp update", flops=_flops(s, shape, teacher, n_all * 2 * Pl * L, n_all, L, 1),
                elementwise=micro_update * 6 * Pl,
                io=2 * stream + 2 * P),  # + the next block's 16-bit weights, read ahead meanwhile
     ]

@@ -42,8 +42,14 @@ def test_each_phase_is_priced_in_the_dtype_of_the_policy():
     for p, dtype in ((gpu, "bfloat16"), (forced_fp32, "float32")):
         for ph in p.phases:
             assert ph.compute_dtype == dtype
-            train = next(st for st in ph.time_stages + ph.once_stages if st.flops)
+            train = next(st for st in ph.time_stages + ph.once_stages
+                         if st.flops and st.name in ("training", "steps", "block"))
             assert set(train.flops) == {dtype}
+    # The fp (teacher) stream update: fp16 autocast on fp16 streams, TF32 for models whose streams are bf16
+    teacher = {st.name: st for st in gpu.phase("block_ap").time_stages}["fp update"]
+    assert set(teacher.flops) == {"float16"}
+    gemma = plan(load_model_config("gemma-3-27b"), PlanSettings(**W2G64), ("block_ap",)).phase("block_ap")
+    assert set({st.name: st for st in gemma.time_stages}["fp update"].flops) == {"tf32"}
     # fp32 runs on the CUDA cores (TF32 stays off): 16x slower matmuls on an A100
     a, b = gpu.phase("e2e_qp"), forced_fp32.phase("e2e_qp")
     assert b.compute_seconds > 10 * a.compute_seconds
