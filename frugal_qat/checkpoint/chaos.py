@@ -8,10 +8,9 @@ until it completes; then compare its result with an uninterrupted run's, bit for
 Where a run is comes from its stage log: with ``FRUGAL_QAT_STAGE_FILE`` set, every run loop appends a line
 ``block/stage`` as it moves (``frugal_qat.checkpoint.store.stage_log``). The uninterrupted run's log is the list of
 events, with how long each lasted. Each kill aims at an event not before the last one seen (so it lands in work
-the run still has to do): the next event of a stage no kill has landed in yet while there is one, else a random
-event among the next ones, stepping so that the kills left spread over the rest of the run; it fires a random
-delay after that event appears, drawn within the event's duration in the uninterrupted run (capped by
-``max_delay``), so short stages are hit too. Every choice comes from ``random.Random(seed)`` and is printed, so a failing
+the run still has to do), within a stride that spreads the kills left over the rest of the run: the first event
+there of a stage no kill has landed in yet, else a random one; it fires a random delay after that event appears,
+drawn within the event's duration in the uninterrupted run (capped by ``max_delay``), so short stages are hit too. Every choice comes from ``random.Random(seed)`` and is printed, so a failing
 sequence can be replayed. The report says which stage each kill landed in.
 """
 
@@ -118,9 +117,10 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
         stage_file = Path(d) / "stages"
         for attempt in range(kills):
             later = events[position:] or events[-1:]
-            wanted = [e for e in later if stage_of(e) in uncovered]
             stride = max(1, len(later) // max(1, kills - attempt))  # the kills left, spread over what is left
-            target = wanted[0] if wanted else later[min(len(later) - 1, rng.randrange(1, stride + 1))]
+            window = later[: stride + 1]
+            wanted = [e for e in window if stage_of(e) in uncovered]
+            target = wanted[0] if wanted else window[rng.randrange(min(1, len(window) - 1), len(window))]
             delay = rng.uniform(0, min(max_delay, seconds.get(target, max_delay)))
             stage_file.unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, env={**env, "FRUGAL_QAT_STAGE_FILE": str(stage_file)},
