@@ -214,12 +214,12 @@ def _print_summary(summary: dict, out: Path) -> None:
     if not _is_rank0():
         return
     blocks = summary["blocks"]
+    grid = summary.get("gguf") or f"w{summary['wbits']}g{summary['group_size']}"  # a GGUF type names its grid
     if summary.get("already_complete"):
-        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, w{summary['wbits']}g{summary['group_size']}); "
-              "nothing to do")
+        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, {grid}); nothing to do")
         return
     last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
-    print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
+    print(f"quantized {len(blocks)} blocks to {grid} in {summary['seconds']:.1f} s; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB; I/O wait {summary['io_wait_seconds']:.1f} s; "
           f"output {summary['output_bytes'] / 2**20:.1f} MiB")
     if last:
@@ -306,13 +306,16 @@ def cmd_plan(args) -> int:
 
     cfg = _run_config(args)  # the recipe + flags, validated like a real run
     recipe_e2e = (load_recipe(args.recipe) if args.recipe else {}).get("e2e_qp", {})
-    q, d, b = cfg.quant, cfg.data, cfg.block_ap
+    d, b = cfg.data, cfg.block_ap
     fields = {f.name for f in dataclasses.fields(PlanSettings)}
     e2e = {f"e2e_{k}": v for k, v in recipe_e2e.items() if f"e2e_{k}" in fields}
     if "grad_accum" in recipe_e2e:
         e2e["grad_accum"] = recipe_e2e["grad_accum"]
+    from frugal_qat.block_ap.run import planner_grid
+
+    wbits, group_size = planner_grid(cfg)  # a GGUF grid is planned as the uniform grid that bounds it
     settings = PlanSettings(
-        wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
+        wbits=wbits, group_size=group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
         block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
         chunk_mb=cfg.offload.chunk_mb, device=args.plan_device,
         gpu_mem=parse_bytes(args.gpu_mem) if args.plan_device == "cuda" else None,
@@ -351,6 +354,13 @@ def cmd_export(args) -> int:
         print(f"warning: {w}")
     if verify.get("skipped"):
         print(f"loaders not checked: {verify['skipped']}")
+    if args.format == "gguf":
+        fallbacks = report.get("fallbacks") or {}
+        if fallbacks:
+            print(f"stored in a legacy type (rows not a multiple of 256): {', '.join(sorted(fallbacks))} -> "
+                  f"{', '.join(sorted(set(fallbacks.values())))}")
+        print(f"exported gguf to {report['out_dir']} (report: {report['files'][1]})")
+        return 0
     print(f"exported {args.format} to {report['out_dir']} (report: frugal_qat_export.json, README.md)")
     return 0
 
@@ -490,10 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors or fp16, checked as users load it")
+    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors, fp16 or gguf, checked as users load "
+                                      "it")
     p.add_argument("--run", required=True)
-    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16"])
-    p.add_argument("--out", required=True, help="a new or empty folder (a complete export by the same command: no-op)")
+    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16", "gguf"])
+    p.add_argument("--out", required=True, help="a new or empty folder; gguf: the file, FILE.gguf, its report beside "
+                                                "it (a complete export by the same command: no-op)")
     p.add_argument("--zero-point", choices=["v1", "v2"], help="gptq: zero-point convention (v1 refused when lossy)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="the dtype loaders compute in by default (auto: the source model's, bfloat16 for bf16-native "
