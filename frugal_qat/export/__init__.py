@@ -219,6 +219,7 @@ def export_run(
         kill_point("export_rename")
         os.replace(stage / out.name, out)  # the commit
         fsync_dir(out.parent)
+        kill_point("export_cleanup")
         shutil.rmtree(stage)
         log.info("exported gguf to %s (%.1f MB; report %s)", out, report["bytes"] / 1e6, side_report(out).name)
         return report
