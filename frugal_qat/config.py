@@ -21,7 +21,10 @@ from frugal_qat.precision import POLICIES, STREAM_DTYPES
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-GGUF_TYPES = ("q4_k", "q3_k", "q2_k", "q4_0", "q4_1", "q5_0", "q8_0")
+# The GGUF (llama.cpp) types Block-AP trains in (docs/GGUF.md), with their nominal bits: what a run in that grid
+# reports as its bit width and what picks the bit-dependent defaults (the paper's learning rates).
+GGUF_BITS = {"q4_k": 4, "q3_k": 3, "q2_k": 2, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q8_0": 8}
+GGUF_TYPES = tuple(GGUF_BITS)
 SAMPLINGS = ("documents", "joined")
 
 
@@ -29,7 +32,10 @@ SAMPLINGS = ("documents", "joined")
 class QuantConfig:
     wbits: int = 4
     group_size: int = 128  # -1: one group per output row
-    gguf: str | None = None  # train in a GGUF grid (docs/GGUF.md): q4_k | q3_k | q2_k | q4_0 | q4_1 | q5_0 | q8_0
+    # Train in a GGUF grid (docs/GGUF.md): q4_k | q3_k | q2_k | q4_0 | q4_1 | q5_0 | q8_0. The type then decides the
+    # grid: wbits and group_size are not used (each layer is in the type, or its legacy fallback where a row is not
+    # a multiple of 256).
+    gguf: str | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -40,6 +46,12 @@ class QuantConfig:
         if self.group_size != -1 and self.group_size <= 0:
             out.append(f"quant.group_size={self.group_size}; use a positive divisor of the layer width or -1")
         return out
+
+    @property
+    def bits(self) -> int:
+        """The bit width the run reports and its bit-dependent defaults use: ``wbits``, or the GGUF type's nominal
+        bits (``GGUF_BITS``)."""
+        return GGUF_BITS[self.gguf] if self.gguf else self.wbits
 
 
 @dataclass

@@ -105,7 +105,7 @@ def cmd_breakdown(args) -> None:
     quant = read_quant_config(row / "run")
     import torch
 
-    p = plan(read_config(row / "run"), plan_settings(cfg, quant["bits"], quant["group_size"], torch.device("cpu")),
+    p = plan(read_config(row / "run"), plan_settings(cfg, row / "run", torch.device("cpu")),
              phases=("e2e_qp",)).phase("e2e_qp")
     prof = json.loads((row / "profile.json").read_text())
     (phase,) = [s for s in prof["segments"] if s["kind"] == "phase"]

@@ -19,10 +19,13 @@ the benchmark resumes after a kill):
   output kept F16 (``--token-embedding-type f16 --output-tensor-type f16``) as frugal-qat keeps them;
 - ``llama.cpp <TYPE> + imatrix``: the same with ``llama-imatrix`` computed on frugal-qat's calibration text
   (the 32 x 256-token demo windows, decoded to text);
-- ``frugal-qat <TYPE> grid init``: frugal-qat's grid initialisation (``kquant.init_grid``) with no training: the
-  like-for-like comparison of the two quantizers' fits (phase 1);
-- ``frugal-qat <TYPE> Block-AP`` / ``+ E2E-QP``: ``frugal-qat block-ap --gguf TYPE`` then ``export --format gguf``
-  (phase 2: skipped, with the reason, until the CLI trains in the grid).
+- ``frugal-qat <TYPE> init``: ``frugal-qat block-ap --gguf TYPE --epochs 0`` (the recipe
+  ``recipes/smollm2_135m_<TYPE>.yaml`` otherwise): the grid initialisation weighted by each column's mean squared
+  input on the same calibration windows (frugal-qat's importance matrix), no training: the like-for-like
+  comparison with llama-quantize + imatrix;
+- ``frugal-qat <TYPE> Block-AP`` / ``+ E2E-QP``: ``frugal-qat block-ap --gguf TYPE --recipe
+  recipes/smollm2_135m_<TYPE>.yaml`` (then ``e2e-qp`` with its e2e_qp section), each exported with ``frugal-qat
+  export --format gguf --out FILE.gguf``.
 
 Where a row is not a multiple of 256 (SmolLM2's hidden size is 576: q/k/v/o, gate and up), llama.cpp falls back
 to Q4_0 (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
@@ -41,7 +44,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -166,43 +168,27 @@ def llama_imatrix(bins: Path, f16: Path, root: Path) -> Path:
     return path
 
 
-def grid_init_gguf(model: Path, out: Path, gtype: str) -> Path:
-    """frugal-qat's grid initialisation of every linear (no training), written as a grid run and exported."""
-    from frugal_qat.export.gguf import grid_init_run, write_gguf
-    from frugal_qat.offload.blocks import ModelSource
-
-    path = out / "model.gguf"
-    if not path.is_file():
-        run = out / "run"
-        if not (run / "config.json").is_file():
-            grid_init_run(model, run, gtype)
-        write_gguf(ModelSource(run), path, name=f"SmolLM2-135M-Instruct {gtype} grid init (frugal-qat)")
-    return path
-
-
-def frugal_qat_trained(model: Path, out: Path, gtype: str, e2e: bool) -> Path | None:
-    """``block-ap --gguf TYPE`` (+ ``e2e-qp``) then ``export --format gguf``; None when the CLI cannot yet."""
+def frugal_qat_gguf(model: Path, root: Path, gtype: str, stage: str) -> Path:
+    """``stage``: ``init`` (``block-ap --epochs 0``), ``bap`` (Block-AP) or ``e2e`` (+ E2E-QP), all with the type's
+    recipe, then ``export --format gguf``. Runs resume (the CLI's own resume) and a finished row is reused."""
+    out = root / f"fq_{gtype}_{stage}"
     path = out / "model.gguf"
     if path.is_file():
         return path
     cli = [sys.executable, "-m", "frugal_qat"]
-    run = out.parent / f"bap_{gtype}" / "run"
-    if not (run / "summary.json").is_file():
-        run.parent.mkdir(parents=True, exist_ok=True)
-        _run(_locked(cli + ["block-ap", "--model", str(model), "--out", str(run), "--recipe",
-                            str(REPO / "recipes" / "demo.yaml"), "--gguf", gtype, "--device", "cpu", "--io", "mmap"]))
-    cfg = json.loads((run / "config.json").read_text()).get("quantization_config", {})
-    if cfg.get("gguf") != gtype:
-        return None  # phase 1: the flag exists but Block-AP does not train in the grid yet
-    if e2e:
-        e2e_run = out / "run"
-        if not (e2e_run / "summary.json").is_file():
-            _run(_locked(cli + ["e2e-qp", "--run", str(run), "--out", str(e2e_run), "--recipe",
-                                str(REPO / "recipes" / "demo.yaml"), "--device", "cpu"]))
-        run = e2e_run
+    recipe = REPO / "recipes" / f"smollm2_135m_{gtype}.yaml"
+    bap = root / "runs" / f"{gtype}_{'init' if stage == 'init' else 'bap'}"
+    if not (bap / "summary.json").is_file():
+        _run(_locked(cli + ["block-ap", "--model", str(model), "--out", str(bap), "--recipe", str(recipe),
+                            "--device", "cpu", *(["--epochs", "0"] if stage == "init" else [])]))
+    run = bap
+    if stage == "e2e":
+        run = root / "runs" / f"{gtype}_e2e"
+        if not (run / "summary.json").is_file():
+            _run(_locked(cli + ["e2e-qp", "--run", str(bap), "--out", str(run), "--recipe", str(recipe),
+                                "--device", "cpu"]))
     out.mkdir(parents=True, exist_ok=True)
-    _run(cli + ["export", "--run", str(run), "--format", "gguf", "--out", str(out / "export")])
-    shutil.copyfile(out / "export" / "model.gguf", path)
+    _run(_locked(cli + ["export", "--run", str(run), "--format", "gguf", "--out", str(path)]))
     return path
 
 
@@ -319,11 +305,15 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
     """One block trained as Block-AP trains it, in a plain grid (``plainB``: w``B``g64) or a GGUF grid: validation
     MSE of the block's output before and after (24 steps of 2 x 256-token windows = 2 epochs of the 24 first
     calibration windows, cosine lr from ``lr`` to ``lr / 20``, weights and quantizer at the same lr; the last 8
-    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer."""
+    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer. A GGUF grid is
+    initialised both without and with the importance matrix of the 24 training windows (``unit`` / ``imatrix``);
+    lr 0 is the initialisation alone."""
     import torch
     from torch import nn
 
+    from frugal_qat.block_ap.train_block import linear_input_importance
     from frugal_qat.offload.blocks import ModelSource
+    from frugal_qat.precision import resolve as resolve_precision
     from frugal_qat.quantizer import QuantLinear, kquant
 
     prepare_data(model, root)
@@ -345,7 +335,9 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
             return sum(float((runner(blk, block, xv[j:j + 4]) - yv[j:j + 4]).square().sum())
                        for j in range(0, len(xv), 4)) / yv.numel()
 
-    for grid in grids:
+    importance = linear_input_importance(src.block(block), lambda m, xb: runner(m, block, xb), xt.split(4),
+                                         resolve_precision("cpu"), torch.device("cpu"))
+    for grid, init in [(g, i) for g in grids for i in (("-",) if g.startswith("plain") else ("unit", "imatrix"))]:
         for lr in lrs:
             blk = src.block(block)
             layers = []
@@ -353,7 +345,8 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
                 if isinstance(mod, nn.Linear):
                     parent, _, child = path.rpartition(".")
                     q = (QuantLinear.from_linear(mod, int(grid[5:]), 64) if grid.startswith("plain")
-                         else kquant.GGUFQuantLinear.from_linear(mod, grid))
+                         else kquant.GGUFQuantLinear.from_linear(mod, grid, importance=importance[path]
+                                                                 if init == "imatrix" else None))
                     setattr(blk.get_submodule(parent), child, q)
                     layers.append(q)
             quant = [p for q in layers for p in q.quant_parameters()]
@@ -361,7 +354,7 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
             opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": lr, "base": lr}],
                                     weight_decay=0.0)
             before = val(blk)
-            for s in range(steps):
+            for s in range(steps if lr > 0 else 0):
                 for g in opt.param_groups:
                     g["lr"] = g["base"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / (steps - 1))))
                 j = (s % (len(xt) // 2)) * 2
@@ -374,8 +367,8 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
             for q in layers:
                 q.freeze_()
             after = val(blk)
-            print(f"| block {block} | {grid} | {lr:g} | {before:.3e} | {after:.3e} | {100 * (after / before - 1):+.1f} % |",
-                  flush=True)
+            print(f"| block {block} | {grid} | {init} | {lr:g} | {before:.3e} | {after:.3e} | "
+                  f"{100 * (after / before - 1):+.1f} % |", flush=True)
 
 
 def prepare(model: Path, root: Path, types: list[str]) -> None:
@@ -383,7 +376,7 @@ def prepare(model: Path, root: Path, types: list[str]) -> None:
     prepare_data(model, root)
     torch_side(fp16_gguf(model, root), root)
     for gtype in types:
-        print(gtype, torch_side(grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), root), flush=True)
+        print(gtype, torch_side(frugal_qat_gguf(model, root, gtype, "init"), root), flush=True)
 
 
 def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, with_transformers: bool = True) -> None:
@@ -399,14 +392,11 @@ def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, w
                 f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
         measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype, imatrix),
                 bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
-        measure(f"fq_{gtype}_init", grid_init_gguf(model, root / f"fq_{gtype}_init", gtype), bins, root,
-                "frugal-qat grid init, no training", tf)
-        if trained:
-            for e2e in (False, True):
-                row = f"fq_{gtype}_{'e2e' if e2e else 'bap'}"
-                path = frugal_qat_trained(model, root / row, gtype, e2e)
-                measure(row, path, bins, root, "needs phase 2 (block-ap --gguf)" if path is None else
-                        f"frugal-qat Block-AP{' + E2E-QP' if e2e else ''} in the {gtype} grid (demo recipe)")
+        notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
+                 "bap": f"frugal-qat Block-AP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)",
+                 "e2e": f"frugal-qat Block-AP + E2E-QP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)"}
+        for stage in ("init", "bap", "e2e") if trained else ("init",):
+            measure(f"fq_{gtype}_{stage}", frugal_qat_gguf(model, root, gtype, stage), bins, root, notes[stage], tf)
     table(root)
 
 
@@ -458,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--model", type=Path, required=True)
     bl.add_argument("--root", type=Path, required=True)
     bl.add_argument("--block", type=int, default=3)
-    bl.add_argument("--grids", default="plain4,q4_k,plain2,q2_k")
-    bl.add_argument("--lrs", default="1e-4,1e-3")
+    bl.add_argument("--grids", default="q4_k,q3_k,q2_k")
+    bl.add_argument("--lrs", default="0,1e-4,1e-3")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)

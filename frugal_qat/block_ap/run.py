@@ -30,6 +30,7 @@ from tqdm import tqdm
 from frugal_qat.block_ap.train_block import (
     TrainResult,
     freeze_block,
+    linear_input_importance,
     make_optimizer,
     train_block,
     wrap_linears,
@@ -56,6 +57,7 @@ from frugal_qat.checkpoint.store import (
     atomic_write_bytes,
     atomic_write_json,
     kill_point,
+    load_tensors,
     read_json,
     remove_partials,
 )
@@ -79,7 +81,7 @@ from frugal_qat.planner.check import machine_limits, require_fit, settings_from_
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.precision import Precision, dtype_name
 from frugal_qat.precision import resolve as resolve_precision
-from frugal_qat.quantizer import resolve_group_size
+from frugal_qat.quantizer import kquant, resolve_group_size
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +135,25 @@ def check_paths(model_dir: Path, out: Path) -> None:
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose an empty or new one")
 
 
-def check_layers(src: ModelSource, cfg: RunConfig) -> None:
-    """Every quantized layer's width must admit the group size: refuse now, not inside block 17's training."""
+def check_layers(src: ModelSource, cfg: RunConfig) -> dict[str, str] | None:
+    """Every quantized layer's width must admit the group size (a GGUF grid: some ggml block): refuse now, not
+    inside block 17's training. Returns, for a run in a GGUF grid, each linear's type (the type asked for, or its
+    legacy fallback where a row is not a multiple of 256; ``kquant.layer_type``)."""
+    types = {}
     for lin in src.linear_shapes():
         try:
-            resolve_group_size(cfg.quant.group_size, lin.in_features, cfg.quant.wbits, name=f"layers.*.{lin.name}")
+            if cfg.quant.gguf:
+                types[lin.name] = kquant.layer_type(cfg.quant.gguf, lin.in_features)
+            else:
+                resolve_group_size(cfg.quant.group_size, lin.in_features, cfg.quant.wbits,
+                                   name=f"layers.*.{lin.name}")
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"layers.*.{lin.name}: {e}" if cfg.quant.gguf else str(e)) from None
+    fallbacks = {name: t for name, t in types.items() if t != cfg.quant.gguf}
+    if fallbacks:
+        log.warning("GGUF %s: %s train in %s (rows not a multiple of 256, docs/GGUF.md)", cfg.quant.gguf,
+                    ", ".join(fallbacks), ", ".join(sorted(set(fallbacks.values()))))
+    return types or None
 
 
 def check_plan(src: ModelSource, cfg: RunConfig, device: torch.device, work: Path, out: Path) -> None:
@@ -278,7 +292,7 @@ def run_block_ap(
     # 1. Validate everything that can be validated before a byte is written.
     check_paths(model_dir, out)
     src = ModelSource(model_dir, seqlen=d.seqlen)
-    check_layers(src, cfg)
+    gguf_types = check_layers(src, cfg)
     if tuple(windows.shape) != (d.train_size + d.val_size, d.seqlen):
         raise ConfigError(f"calibration windows have shape {tuple(windows.shape)}, expected {(d.train_size + d.val_size, d.seqlen)}")
     check_launch()
@@ -363,7 +377,7 @@ def run_block_ap(
 
     # 4. Block by block. Block i+1's tensors are read from the shards while block i trains.
     runner = src.runner(device)
-    weight_lr = b.resolved_weight_lr(q.wbits)
+    weight_lr = b.resolved_weight_lr(q.bits)
     steps_per_epoch = d.train_size // b.batch_size
     first = m.progress.block if m.progress.stage not in ("finalize", "done") else src.n_layers
     outer = tqdm(total=src.n_layers, initial=first, desc="block-ap", unit="block", disable=not show_progress or rank != 0)
@@ -396,16 +410,7 @@ def run_block_ap(
             commit()
 
         # 4b. Train the fake-quantized block (or restore it from its in-block checkpoint).
-        linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}")
-        block.to(device)
-        optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr)
         ckpt = work / "ckpt" / f"block_{i:05d}.safetensors"
-        result = TrainResult()
-        start_step = 0
-        if ckpt.is_file():
-            start_step, metrics, trained = load_train_checkpoint(ckpt, optimizer)
-            block.load_state_dict(trained, strict=True)
-            result = TrainResult(**metrics)  # metrics of the epochs done before the kill ride along
 
         def batches(first_step: int, lo: int = 0, hi: int = d.train_size):
             """Per step, its micro-batches of (quant-stream input, fp-stream target), read ahead in order."""
@@ -417,6 +422,29 @@ def run_block_ap(
             steps = -(-(hi - lo) // b.batch_size)
             for _, micro in prefetch(load, range(first_step, steps), depth=2, clock=wait):
                 yield micro
+
+        # A GGUF grid starts from a fit weighted by each column's mean squared input on the training windows
+        # (llama.cpp's importance matrix). It is kept with the in-block checkpoints: a resume after the quant
+        # stream update has begun could not compute it again (the update overwrites the inputs it read).
+        importance = None
+        if q.gguf and not ckpt.is_file():
+            imp_file = work / "ckpt" / f"importance_{i:05d}.safetensors"
+            if imp_file.is_file():
+                importance = load_tensors(imp_file)
+            else:
+                importance = linear_input_importance(
+                    block, lambda mod, x: runner(mod, i, x), (x for micro in batches(0) for x, _ in micro),
+                    precision, device, world)
+                on_rank0(lambda: atomic_save_tensors(imp_file, importance))
+        linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}", gguf=q.gguf, importance=importance)
+        block.to(device)
+        optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr)
+        result = TrainResult()
+        start_step = 0
+        if ckpt.is_file():
+            start_step, metrics, trained = load_train_checkpoint(ckpt, optimizer)
+            block.load_state_dict(trained, strict=True)
+            result = TrainResult(**metrics)  # metrics of the epochs done before the kill ride along
 
         def validate() -> float:
             if d.val_size == 0:
@@ -495,6 +523,7 @@ def run_block_ap(
             m.progress = Progress(block=i + 1, stage="fp_update" if i + 1 < src.n_layers else "finalize")
             save_manifest(out, m)
             ckpt.unlink(missing_ok=True)
+            (work / "ckpt" / f"importance_{i:05d}.safetensors").unlink(missing_ok=True)
             return m
 
         m = on_rank0(save)
@@ -515,11 +544,13 @@ def run_block_ap(
     def finish() -> dict:
         mark("stage", "finalize")
         extra = extra_tensors(src.store.get, src.store.has, src.tied)
-        write_model_files(out, src.dir, src.config, extra, src.n_layers, q.wbits, q.group_size, src.arch.linears)
+        group_size = kquant.TYPES[q.gguf].sub if q.gguf else q.group_size
+        write_model_files(out, src.dir, src.config, extra, src.n_layers, q.bits, group_size, src.arch.linears,
+                          gguf_types, q.gguf)
         summary = {
             "command": "block-ap",
-            "wbits": q.wbits,
-            "group_size": q.group_size,
+            "wbits": q.bits,
+            "group_size": group_size,
             "blocks": m.extra.get("blocks", []),
             "seconds": round(time.time() - t_start, 3),
             "io_wait_seconds": round(wait.waited, 3),
@@ -528,6 +559,8 @@ def run_block_ap(
             "device": str(device),
             "precision": precision.to_json(),
         }
+        if q.gguf:
+            summary["gguf"] = q.gguf
         if world > 1:
             summary["world_size"] = world
         atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in summary["blocks"]).encode())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,27 +25,73 @@ from frugal_qat.distributed import all_reduce_sum_, rank_world, sum_floats
 from frugal_qat.errors import TrainingDiverged
 from frugal_qat.precision import Precision
 from frugal_qat.quantizer import QuantLinear
+from frugal_qat.quantizer.kquant import GGUFQuantLinear
 from frugal_qat.quantizer.primitives import SCALE_MIN
 
 log = logging.getLogger(__name__)
 
+# The fake-quantized layers Block-AP trains: the uniform grid, or a GGUF (llama.cpp) type's grid (docs/GGUF.md).
+QUANT_LAYERS = (QuantLinear, GGUFQuantLinear)
 
-def wrap_linears(block: nn.Module, bits: int, group_size: int, name: str) -> dict[str, QuantLinear]:
-    """Replace every nn.Linear of the block with a QuantLinear (weights copied to fp32, min-max qparams)."""
+
+def wrap_linears(block: nn.Module, bits: int, group_size: int, name: str, gguf: str | None = None,
+                 importance: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLinear | GGUFQuantLinear]:
+    """Replace every nn.Linear of the block with a QuantLinear (weights copied to fp32, min-max qparams), or with
+    ``gguf`` a GGUFQuantLinear in that type's grid, initialised by ``kquant.init_grid`` weighted by
+    ``importance[path]`` (the mean squared input of each column, :func:`linear_input_importance`) where given."""
     wrapped = {}
     for path, mod in list(block.named_modules()):
         if isinstance(mod, nn.Linear):
             parent_path, _, child = path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
-            q = QuantLinear.from_linear(mod, bits, group_size, name=f"{name}.{path}")
+            if gguf is None:
+                q = QuantLinear.from_linear(mod, bits, group_size, name=f"{name}.{path}")
+            else:
+                h = None if importance is None else importance.get(path)
+                q = GGUFQuantLinear.from_linear(mod, gguf, name=f"{name}.{path}", importance=h)
             setattr(parent, child, q)
             wrapped[path] = q
     return wrapped
 
 
+@torch.no_grad()
+def linear_input_importance(block: nn.Module, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                            inputs: Iterable[torch.Tensor], precision: Precision, device: torch.device,
+                            world: int = 1) -> dict[str, torch.Tensor]:
+    """Per nn.Linear of ``block`` (by path), ``h_j = mean over tokens of x_j^2`` of its input ``x`` [.., in], fp32
+    [in], over the block run on ``inputs`` (the block's training inputs): llama.cpp's importance matrix, which
+    weights the GGUF grid's initial fit (``kquant.init_grid``). Under data parallelism each rank sees its share
+    of the inputs and the sums are added across the ``world`` ranks, so every rank gets the same values.
+
+    The inputs of the inner linears (o_proj, down_proj) exist only inside the block's forward: a forward pre-hook
+    on each linear, registered here and removed before returning, reads them.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    hooks = []
+    for path, mod in block.named_modules():
+        if isinstance(mod, nn.Linear):
+            def accumulate(_mod, args, path=path):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                s = x.square().sum(0, dtype=torch.float64)
+                sums[path] = s if path not in sums else sums[path] + s
+            hooks.append(mod.register_forward_pre_hook(accumulate))
+    try:
+        for x in inputs:
+            with precision.nograd(device):
+                forward(block, x)
+            count += x.shape[:-1].numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    if world > 1:
+        all_reduce_sum_([*sums.values(), count])
+    return {path: (s / count).float() for path, s in sums.items()}
+
+
 def other_trainables(block: nn.Module) -> list[nn.Parameter]:
-    """Norm weights (and any parameter that is not inside a QuantLinear): trained at weight_lr."""
-    inside = {id(p) for m in block.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    """Norm weights (and any parameter that is not inside a quantized layer): trained at weight_lr."""
+    inside = {id(p) for m in block.modules() if isinstance(m, QUANT_LAYERS) for p in m.parameters()}
     return [p for p in block.parameters() if id(p) not in inside]
 
 
@@ -57,8 +103,10 @@ def cosine_lr(step: int, total: int, lr: float, min_ratio: float) -> float:
     return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
 
 
-def keep_scales_positive(block: nn.Module) -> None:
-    """Clamp every quantizer scale to at least ``SCALE_MIN`` (1e-4, the bound of its initial value).
+def keep_scales_in_range(block: nn.Module) -> None:
+    """Clamp every QuantLinear scale to at least ``SCALE_MIN`` (1e-4, the bound of its initial value); put every
+    GGUFQuantLinear's grid parameters back into their ranges (``project_()``: its scales may be signed, q3_k's
+    sub-block scales and the legacy types' d, so the plain clamp must not touch them).
 
     A step size must stay positive; at large quant lrs (1e-3 at w4g64, where scales are small) a step can push one
     below 0, which fake-quant would train through and freezing would refuse. E2E-QP applies the same clamp.
@@ -67,9 +115,11 @@ def keep_scales_positive(block: nn.Module) -> None:
         for m in block.modules():
             if isinstance(m, QuantLinear):
                 m.scale.clamp_(min=SCALE_MIN)
+            elif isinstance(m, GGUFQuantLinear):
+                m.project_()
 
 
-def make_optimizer(block: nn.Module, linears: dict[str, QuantLinear], weight_lr: float, quant_lr: float) -> torch.optim.AdamW:
+def make_optimizer(block: nn.Module, linears: dict[str, QuantLinear | GGUFQuantLinear], weight_lr: float, quant_lr: float) -> torch.optim.AdamW:
     weights = [p for q in linears.values() for p in q.weight_parameters()] + other_trainables(block)
     quant = [p for q in linears.values() for p in q.quant_parameters()]
     groups = [{"params": quant, "lr": quant_lr, "base_lr": quant_lr}]
@@ -122,7 +172,7 @@ def train_step(
     if before_step is not None:
         before_step(step_loss)
     optimizer.step()
-    keep_scales_positive(block)
+    keep_scales_in_range(block)
     return step_loss
 
 
@@ -211,7 +261,7 @@ def freeze_block(block: nn.Module) -> None:
     """Round every trained tensor to what the run directory stores, so the propagated quant stream and any
     model rebuilt from the saved files compute exactly the same thing."""
     for m in block.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QUANT_LAYERS):
             m.freeze_()
             if m.bias is not None:  # stored as fp16 next to the packed weight
                 m.bias.copy_(m.bias.half().float())

@@ -4,8 +4,9 @@
       manifest.json                  settings, fingerprints, progress (see state.py)
       config.json                    the model config + "quantization_config" (quant_method "frugal_qat")
       tokenizer files                copied from the source
-      blocks/block_00000.safetensors packed block 0: model.layers.0.<linear>.{qweight,qzeros,scales,g_idx[,bias]},
-                                     norms (fp16); written as soon as the block is trained
+      blocks/block_00000.safetensors packed block 0: model.layers.0.<linear>.{qweight,qzeros,scales,g_idx[,bias]}
+                                     (a run in a GGUF grid: <linear>.ggml[,bias], docs/GGUF.md), norms (fp16);
+                                     written as soon as the block is trained
       model-extra.safetensors        embeddings, final norm, lm_head (16-bit; lm_head absent when tied)
       model.safetensors.index.json   key -> file map over the above, so the run reads like any checkpoint
       calib.safetensors              the calibration token windows (resume refuses other data)
@@ -45,8 +46,13 @@ def block_file(run_dir: Path, i: int) -> Path:
     return Path(run_dir) / "blocks" / f"block_{i:05d}.safetensors"
 
 
-def quantization_config(wbits: int, group_size: int, linears: tuple[str, ...]) -> dict[str, Any]:
-    return {
+def quantization_config(wbits: int, group_size: int, linears: tuple[str, ...],
+                        gguf_types: dict[str, str] | None = None, gguf: str | None = None) -> dict[str, Any]:
+    """The run's ``quantization_config``. A run trained in a GGUF grid (``gguf``, docs/GGUF.md) stores each linear
+    as ``<linear>.ggml``, uint8 [out, row bytes], the exact ggml blocks of its type (``gguf_types``: per linear,
+    relative to the block, the type asked for or its legacy fallback); ``bits`` is then the type's nominal width and
+    ``group_size`` its sub-block size, for reports."""
+    out = {
         "quant_method": "frugal_qat",
         "bits": wbits,
         "group_size": group_size,
@@ -56,6 +62,10 @@ def quantization_config(wbits: int, group_size: int, linears: tuple[str, ...]) -
         "pack_layout": "gptq_bitstream_lsb_first",  # GPTQ's layout for 2/4/8 bits and its 3-bit layout
         "modules": [name.rsplit(".", 1)[-1] for name in linears],
     }
+    if gguf is not None:
+        out.update({"pack_layout": "ggml", "gguf": gguf, "gguf_types": dict(gguf_types or {})})
+        del out["zero_point"]
+    return out
 
 
 def save_block(run_dir: Path, i: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -67,12 +77,13 @@ def save_block(run_dir: Path, i: int, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_model_files(run_dir: Path, source_dir: Path, config: dict[str, Any], extra: dict[str, torch.Tensor],
-                      n_layers: int, wbits: int, group_size: int, linears: tuple[str, ...]) -> None:
+                      n_layers: int, wbits: int, group_size: int, linears: tuple[str, ...],
+                      gguf_types: dict[str, str] | None = None, gguf: str | None = None) -> None:
     """Everything but the blocks: config with its quantization section, 16-bit extra tensors, tokenizer, index."""
     run_dir = Path(run_dir)
     atomic_save_tensors(run_dir / EXTRA_FILE, extra, metadata={"format": "pt"})
     cfg = dict(config)
-    cfg["quantization_config"] = quantization_config(wbits, group_size, linears)
+    cfg["quantization_config"] = quantization_config(wbits, group_size, linears, gguf_types, gguf)
     atomic_write_json(run_dir / "config.json", cfg)
     for name in TOKENIZER_FILES:
         src = Path(source_dir) / name

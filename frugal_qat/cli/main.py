@@ -216,12 +216,12 @@ def _print_summary(summary: dict, out: Path) -> None:
     if not _is_rank0():
         return
     blocks = summary["blocks"]
+    grid = summary.get("gguf") or f"w{summary['wbits']}g{summary['group_size']}"  # a GGUF type names its grid
     if summary.get("already_complete"):
-        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, w{summary['wbits']}g{summary['group_size']}); "
-              "nothing to do")
+        print(f"{out} is already complete (block-ap, {len(blocks)} blocks, {grid}); nothing to do")
         return
     last = [b["val_mse"][-1] for b in blocks if b["val_mse"]]
-    print(f"quantized {len(blocks)} blocks to w{summary['wbits']}g{summary['group_size']} in {summary['seconds']:.1f} s; "
+    print(f"quantized {len(blocks)} blocks to {grid} in {summary['seconds']:.1f} s; "
           f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB; I/O wait {summary['io_wait_seconds']:.1f} s; "
           f"output {summary['output_bytes'] / 2**20:.1f} MiB")
     if last:
@@ -351,6 +351,13 @@ def cmd_export(args) -> int:
         print(f"warning: {w}")
     if verify.get("skipped"):
         print(f"loaders not checked: {verify['skipped']}")
+    if args.format == "gguf":
+        fallbacks = report.get("fallbacks") or {}
+        if fallbacks:
+            print(f"stored in a legacy type (rows not a multiple of 256): {', '.join(sorted(fallbacks))} -> "
+                  f"{', '.join(sorted(set(fallbacks.values())))}")
+        print(f"exported gguf to {report['out_dir']} (report: {report['files'][1]})")
+        return 0
     print(f"exported {args.format} to {report['out_dir']} (report: frugal_qat_export.json, README.md)")
     return 0
 
@@ -500,10 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the plan as JSON")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors or fp16, checked as users load it")
+    p = sub.add_parser("export", help="export a run to gptq, compressed-tensors, fp16 or gguf, checked as users load "
+                                      "it")
     p.add_argument("--run", required=True)
-    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16"])
-    p.add_argument("--out", required=True, help="a new or empty folder (a complete export by the same command: no-op)")
+    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "fp16", "gguf"])
+    p.add_argument("--out", required=True, help="a new or empty folder; gguf: the file, FILE.gguf, its report beside "
+                                                "it (a complete export by the same command: no-op)")
     p.add_argument("--zero-point", choices=["v1", "v2"], help="gptq: zero-point convention (v1 refused when lossy)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="the dtype loaders compute in by default (auto: the source model's, bfloat16 for bf16-native "

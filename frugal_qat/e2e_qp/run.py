@@ -1,6 +1,7 @@
 """E2E-QP: train only the quantization step sizes, end to end on the language-model loss, over packed weights.
 
-    open the Block-AP run -> assemble the model with PackedLinear layers (never dequantized as a whole)
+    open the Block-AP run -> assemble the model with PackedLinear layers (never dequantized as a whole; a run
+    trained in a GGUF grid: GGUFPackedLinear over its ggml blocks, the grid's scales trained in the grid)
     -> token data (pretraining windows or Alpaca prompts) -> 8-bit AdamW on the scales
     -> for each step: micro-batches through the checkpointed blocks, chunked lm_head + loss, clip, step,
        checkpoint every K steps -> write the run directory with the new scales
@@ -61,10 +62,11 @@ from frugal_qat.errors import ConfigError, CorruptCheckpoint, Interrupted, Resum
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.weights import read_config
 from frugal_qat.planner import PlanSettings
-from frugal_qat.planner.check import machine_limits, require_fit, settings_from_config
+from frugal_qat.planner.check import machine_limits, planner_grid, require_fit, settings_from_config
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
 from frugal_qat.precision import Precision
 from frugal_qat.precision import resolve as resolve_precision
+from frugal_qat.quantizer.kquant import GGUFPackedLinear
 from frugal_qat.quantizer.packed import PackedLinear
 from frugal_qat.quantizer.primitives import SCALE_MIN
 
@@ -79,11 +81,14 @@ PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 def assemble_packed_model(src: ModelSource, block_tensors: Callable[[int], dict[str, torch.Tensor]],
                           extra: Callable[[str], torch.Tensor], bits: int, group: int, device: torch.device,
-                          dtype: torch.dtype) -> nn.Module:
+                          dtype: torch.dtype, gguf_types: dict[str, str] | None = None) -> nn.Module:
     """A transformers causal LM whose linears are PackedLinear (int32 codes; fp32 trainable scales), built on the
     meta device and filled block by block: ``block_tensors(i)`` gives block i's packed tensors (keys relative to
     the block), ``extra(key)`` the embeddings, final norm and lm_head. Frozen tensors (embeddings, norms, lm_head,
     biases) are stored in ``dtype`` (the policy's ``e2e_dtype``). Everything but the scales is frozen.
+
+    A run trained in a GGUF grid (``gguf_types``: each linear's ggml type) gets GGUFPackedLinear layers over its
+    ``<linear>.ggml`` blocks instead: the codes and zero points frozen, the grid's scales trained in the grid.
 
     The run (:func:`build_packed_model`) fills it from the run's files; the planner's simulation from fake tensors
     of the same shapes, so both measure the same model.
@@ -94,10 +99,15 @@ def assemble_packed_model(src: ModelSource, block_tensors: Callable[[int], dict[
         raw = block_tensors(i)
         for name in src.arch.linears:
             lin = layer.get_submodule(name)
-            packed = {k: raw[f"{name}.{k}"].to(device) for k in PACKED_KEYS}
-            if f"{name}.bias" in raw:
-                packed["bias"] = raw[f"{name}.bias"].to(device, dtype)
-            new = PackedLinear.from_packed(packed, bits, group, lin.in_features, lin.out_features)
+            bias = raw[f"{name}.bias"].to(device, dtype) if f"{name}.bias" in raw else None
+            if gguf_types is not None:
+                new = GGUFPackedLinear.from_blocks(raw[f"{name}.ggml"].to(device), gguf_types[name], lin.in_features,
+                                                   lin.out_features, bias)
+            else:
+                packed = {k: raw[f"{name}.{k}"].to(device) for k in PACKED_KEYS}
+                if bias is not None:
+                    packed["bias"] = bias
+                new = PackedLinear.from_packed(packed, bits, group, lin.in_features, lin.out_features)
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, new)
         others = {k: v.to(device, dtype) for k, v in raw.items() if k.rsplit(".", 1)[0] not in src.arch.linears}
@@ -112,8 +122,10 @@ def assemble_packed_model(src: ModelSource, block_tensors: Callable[[int], dict[
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise ConfigError(f"could not fill {leftover[:3]} of the packed model")
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.endswith(".scales"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in named_scales(model).values():
+        p.requires_grad_(True)
     return model
 
 
@@ -138,12 +150,36 @@ def build_packed_model(run_dir: Path, device: torch.device, dtype: torch.dtype =
         raise ConfigError(f"{run_dir} is not a quantized frugal-qat run; run `frugal-qat block-ap` first")
     model = assemble_packed_model(src, lambda i: src.store.block_state(i, dtype=None),
                                   lambda key: src.lm_head_weight() if key == LM_HEAD_KEY else src.store.get(key),
-                                  src.quant["bits"], src.quant["group_size"], device, dtype)
+                                  src.quant["bits"], src.quant["group_size"], device, dtype,
+                                  src.quant.get("gguf_types") if src.quant.get("gguf") else None)
     return model, src
 
 
 def named_scales(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.endswith(".scales")}
+    """The trainable parameters of the packed model, in module order: each PackedLinear's ``scales``; each
+    GGUFPackedLinear's grid scales (``quant_parameters()``: super_scale, scale and, q4_k/q2_k, super_min). Codes and
+    zero points stay frozen."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            out[f"{name}.scales"] = m.scales
+        elif isinstance(m, GGUFPackedLinear):
+            out.update({f"{name}.{k}": getattr(m, k) for k in m.quant_names})
+    return out
+
+
+@torch.no_grad()
+def keep_scales_in_range(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """After a step: every PackedLinear scale (and DeepSpeed fp32 master) clamped to at least ``SCALE_MIN`` (the
+    paper's clamp at 1e-4, notes §1; a step size must stay positive); every GGUFPackedLinear's grid parameters put
+    back into their ranges by ``project_()`` (their scales may be signed, so the clamp must not touch them)."""
+    grid = [m for m in model.modules() if isinstance(m, GGUFPackedLinear)]
+    in_grid = {id(p) for m in grid for p in m.parameters()}
+    for m in grid:
+        m.project_()
+    for p in params:
+        if id(p) not in in_grid:
+            p.clamp_(min=SCALE_MIN)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -238,9 +274,7 @@ def e2e_step(model: nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]], o
         optimizer.step()
     else:
         engine.step()  # the boundary: gradients reduced across ranks, clipped, optimizer step
-    with torch.no_grad():  # a step size must stay positive; the paper's clamp at 1e-4 (notes §1)
-        for p in [*scales, *(fp32_masters(engine.optimizer) if engine is not None else [])]:
-            p.clamp_(min=SCALE_MIN)
+    keep_scales_in_range(model, [*scales, *(fp32_masters(engine.optimizer) if engine is not None else [])])
     return tokens
 
 
@@ -324,7 +358,8 @@ def full_fp32(p: nn.Parameter) -> torch.Tensor:
 def plan_settings(cfg: RunConfig, run_dir: Path, device: torch.device, **limits) -> PlanSettings:
     """The planner's view of an E2E-QP run on the Block-AP run ``run_dir`` (its own bits and group size)."""
     quant = read_quant_config(run_dir)
-    return settings_from_config(cfg, device.type, wbits=quant["bits"], group_size=quant["group_size"], **limits)
+    wbits, group_size = planner_grid(quant["bits"], quant["group_size"], quant.get("gguf"))
+    return settings_from_config(cfg, device.type, wbits=wbits, group_size=group_size, **limits)
 
 
 def run_e2e_qp(
@@ -365,7 +400,14 @@ def run_e2e_qp(
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
     ids, labels = data
-    source = {"path": str(run_dir), "fingerprint": ModelSource(run_dir).store.fingerprint()}
+    input_src = ModelSource(run_dir)
+    grid = (input_src.quant or {}).get("gguf")
+    if grid and ds_cfg is not None:
+        # project_() keeps each layer's grid parameters in range; DeepSpeed steps flat fp32 masters of all of them,
+        # which no per-layer projection reaches.
+        raise ConfigError(f"{run_dir} was trained in the {grid} grid; E2E-QP of a GGUF-grid run runs in one "
+                          f"process: drop --deepspeed")
+    source = {"path": str(run_dir), "fingerprint": input_src.store.fingerprint()}
     ckpt = out / "e2e_checkpoint.safetensors"  # single process: scales + optimizer state, one file
     ds_dir = out / "ds_checkpoint"  # DeepSpeed: one engine checkpoint per tag, the manifest names the valid one
     ds_run = None if ds_cfg is None else {"world_size": world, "zero_stage": ds_cfg["zero_optimization"].get("stage", 0)}
@@ -534,7 +576,10 @@ def run_e2e_qp(
         for i in range(src.n_layers):
             tensors = {k: v for k, v in src.store.block_state(i, dtype=None).items()}
             for name in src.arch.linears:
-                tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
+                if grid:  # the frozen codes with the trained grid, as exact ggml blocks
+                    tensors[f"{name}.ggml"] = model.model.layers[i].get_submodule(name).to_blocks().cpu()
+                else:
+                    tensors[f"{name}.scales"] = final[f"model.layers.{i}.{name}.scales"].to("cpu", torch.float16)
             save_block(out, i, tensors)
         for name in (*TOKENIZER_FILES, EXTRA_FILE, INDEX_FILE, "config.json", "calib.safetensors"):
             if (run_dir / name).is_file():

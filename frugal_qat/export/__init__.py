@@ -5,6 +5,8 @@
     gptq                 GPTQ, zero points "v2" (as stored) or "v1" (z - 1, only where lossless)
     compressed-tensors   llm-compressor's "pack-quantized" layout
     fp16                 dequantized dense checkpoint (float16, bfloat16 or float32)
+    gguf                 one GGUF file for llama.cpp and Ollama (``gguf.py``, docs/GGUF.md): a run trained in a GGUF
+                         grid bit-exactly in its types; a plain run in the legacy type that holds its grid, or refused
 
 Which engines load which bit width is not the same for every format: ``engines.py`` says it per format, bits and
 zero-point convention, with what was checked and what was not; ``export_run`` logs that line, and
@@ -28,6 +30,14 @@ export logs that it is complete and returns its report without touching it; a st
 complete (a kill between the last write and the rename) is renamed; any other staging folder is redone from the
 start. Every file but ``frugal_qat_export.json`` (times, paths) and ``README.md`` (verification figures, which
 can differ in the last digits between machines) is a deterministic function of the run and the options.
+
+GGUF is one file, so ``--format gguf`` takes ``--out FILE.gguf``, a file path: llama.cpp and Ollama are given the
+file itself. Its report sits next to it as ``FILE.frugal_qat_export.json`` (no README: a GGUF is not a Hugging Face
+folder). The staging folder is ``.FILE.gguf.partial`` as above (the file is written and verified there under its
+final name); the commit copies its report to the side file,
+then renames the staged GGUF to ``FILE.gguf`` (the commit point: the file appears whole or not at all), then
+removes the staging folder. An export is complete when ``FILE.gguf`` exists and the side report names the same
+request; a ``FILE.gguf`` without a matching report is another file and is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +70,7 @@ from frugal_qat.offload.blocks import ModelSource
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("gptq", "compressed-tensors", "fp16")
+FORMATS = ("gptq", "compressed-tensors", "fp16", "gguf")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 REPORT_FILE = "frugal_qat_export.json"
 README_FILE = "README.md"
@@ -83,7 +94,8 @@ def export_run(
         run_dir: a finished frugal-qat run directory.
         fmt: one of ``FORMATS``.
         out_dir: a new (or empty) directory, not inside ``run_dir``; or the folder of a complete export made by
-            the same call, which is then left as it is.
+            the same call, which is then left as it is. gguf: the path of the file, ``FILE.gguf`` (new, or the file
+            of a complete export made by the same call).
         verify: decode every tensor with an independent reader of the format and compare with the run's weights
             (must be exact for gptq and compressed-tensors), then load the export through each loader of its
             format (library defaults on the device at hand, and the recommended settings) where the library is
@@ -107,6 +119,7 @@ def export_run(
             or a run the format cannot express.
         CorruptCheckpoint: an unfinished or damaged run directory.
     """
+    from frugal_qat.export import gguf
     from frugal_qat.export.compressed_tensors import export_compressed_tensors
     from frugal_qat.export.engines import engine_line, engine_table
     from frugal_qat.export.fp16 import export_fp16
@@ -117,6 +130,7 @@ def export_run(
         "gptq": lambda src, stage, dt: export_gptq(src, stage, zero_point=zero_point, dtype=dt),
         "compressed-tensors": lambda src, stage, dt: export_compressed_tensors(src, stage, dtype=dt),
         "fp16": lambda src, stage, dt: export_fp16(src, stage, dtype=dt),
+        "gguf": lambda src, stage, dt: gguf.write_gguf(src, stage / out.name),
     }
     if fmt not in writers:
         raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
@@ -125,7 +139,8 @@ def export_run(
     t0 = time.time()
     src = open_run(run_dir)
     out_dtype = resolve_dtype(src, fmt, dtype)
-    out = check_out_dir(run_dir, out_dir)
+    single = fmt == "gguf"  # one file, not a folder (module docstring)
+    out = check_out_file(run_dir, out_dir) if single else check_out_dir(run_dir, out_dir)
     windows = None
     if verify:
         windows = verify_windows
@@ -139,13 +154,17 @@ def export_run(
         "verify_windows_sha256": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
         if verify else None,
     }
-    done = completed_report(out, request)
+    stage = out.parent / f".{out.name}.partial"
+    done = completed_file(out, request) if single else completed_report(out, request)
     if done is not None:
         log.info("export already complete in %s (made by the same command); nothing to do", out)
+        if single and stage.exists():  # a kill after the GGUF's rename, before its staging folder went
+            shutil.rmtree(stage)
         return {**done, "already_complete": True}
 
-    stage = out.parent / f".{out.name}.partial"
     staged = completed_report(stage, request, strict=False)
+    if staged is not None and single and not (stage / out.name).is_file():
+        staged = None  # its file was committed and then removed by hand: make it again
     if staged is not None:
         log.info("found the finished export staged in %s; committing it", stage)
         report = staged
@@ -154,10 +173,11 @@ def export_run(
         stage.mkdir(parents=True)
         try:
             bits = src.quant["bits"]
-            line = engine_line(fmt, bits, zero_point, out_dtype)
-            log.info("engines: %s", line)
             mark("stage", "write")
             details = writers[fmt](src, stage, out_dtype)
+            line = gguf.engine_line(details["gguf_types"]) if single else engine_line(fmt, bits, zero_point,
+                                                                                         out_dtype)
+            log.info("engines: %s", line)
             report = {
                 "format": fmt,
                 "request": request,
@@ -167,20 +187,26 @@ def export_run(
                 "group_size": src.quant["group_size"],
                 "dtype": out_dtype,
                 **details,
-                "engines": engine_table(fmt, bits, zero_point),
+                "engines": [asdict(e) for e in gguf.engine_support()] if single else engine_table(fmt, bits,
+                                                                                                    zero_point),
                 "engine_line": line,
                 "frugal_qat_version": __version__,
             }
             log.info("exported %s into %s", fmt, stage)
             if verify:
                 mark("stage", "verify")
-                report["verify"] = verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows)
-            from frugal_qat.export.card import model_card
+                report["verify"] = (gguf.verify_gguf(run_dir, stage / out.name, windows=windows) if single
+                                    else verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows))
+            if single:
+                report["files"] = [out.name, side_report(out).name]
+                report["bytes"] = (stage / out.name).stat().st_size
+            else:
+                from frugal_qat.export.card import model_card
 
-            atomic_write_bytes(stage / README_FILE, model_card(report).encode())
-            files = sorted(p.name for p in stage.iterdir())
-            report["files"] = sorted([*files, REPORT_FILE])
-            report["bytes"] = sum((stage / f).stat().st_size for f in files)
+                atomic_write_bytes(stage / README_FILE, model_card(report).encode())
+                files = sorted(p.name for p in stage.iterdir())
+                report["files"] = sorted([*files, REPORT_FILE])
+                report["bytes"] = sum((stage / f).stat().st_size for f in files)
             report["export_seconds"] = round(time.time() - t0, 3)
             atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
         except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
@@ -188,6 +214,15 @@ def export_run(
             raise
     mark("stage", "commit")
     kill_point("export_commit")
+    if single:
+        atomic_write_json(side_report(out), report)  # first: a GGUF without its report would be refused
+        kill_point("export_rename")
+        os.replace(stage / out.name, out)  # the commit
+        fsync_dir(out.parent)
+        kill_point("export_cleanup")
+        shutil.rmtree(stage)
+        log.info("exported gguf to %s (%.1f MB; report %s)", out, report["bytes"] / 1e6, side_report(out).name)
+        return report
     if out.exists():
         out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
     kill_point("export_rename")
@@ -238,6 +273,9 @@ def resolve_dtype(src: ModelSource, fmt: str, dtype: str) -> str:
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if fmt == "gguf" and dtype != "auto":
+        raise ConfigError(f"dtype {dtype!r} does not apply to gguf: its linears are ggml blocks and its embeddings "
+                          f"keep the run's 16-bit dtype (llama.cpp picks its compute type); drop --dtype")
     if dtype == "float32" and fmt != "fp16":
         raise ConfigError(f"dtype float32 applies to the dense fp16 format only: {fmt} kernels compute in float16 or "
                           f"bfloat16; choose auto, float16 or bfloat16 (a loader can still compute in float32)")
@@ -265,6 +303,44 @@ def check_out_dir(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export path {out} exists and is not a directory; choose a new folder")
     return out
+
+
+def check_out_file(run_dir: str | Path, out: str | Path) -> Path:
+    """``out`` resolved for a one-file format (gguf): a path ending in ``.gguf``, outside the run directory, whose
+    folder exists or can be made."""
+    run, path = Path(run_dir).resolve(), Path(out).resolve()
+    if path.suffix != ".gguf":
+        raise ConfigError(f"--format gguf writes one file: pass --out FILE.gguf (got {out})")
+    if path.is_dir():
+        raise ConfigError(f"export path {path} is a directory; --format gguf writes one file: pass --out FILE.gguf")
+    if run in path.parents:
+        raise ConfigError(f"export file {path} lies inside the run directory {run}; choose a path outside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def side_report(path: Path) -> Path:
+    """The report of a one-file export: ``FILE.frugal_qat_export.json`` next to ``FILE.gguf``."""
+    return path.with_name(f"{path.stem}.{REPORT_FILE}")
+
+
+def completed_file(path: Path, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of the complete one-file export of ``request`` at ``path``, or ``None`` when there is none. A file
+    at ``path`` that is not that export (no side report, or one of another request) is refused, never
+    overwritten."""
+    report_path = side_report(path)
+    report = read_json(report_path) if report_path.is_file() else None
+    if not path.exists():
+        return None  # a side report alone: a kill just before the commit's rename; the staged export decides
+    if isinstance(report, dict) and report.get("request") == request:
+        return report
+    if report is None:
+        raise ConfigError(f"{path} already exists and is not a frugal-qat export (no {report_path.name} next to "
+                          f"it); choose a new path or delete it")
+    old = report.get("request") or {}
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in request.items() if old.get(k) != v]
+    raise ConfigError(f"{path} holds another export ({'; '.join(diffs)}); choose a new path or delete it and "
+                      f"{report_path.name}")
 
 
 def completed_report(folder: Path, request: dict[str, Any], strict: bool = True) -> dict[str, Any] | None:
@@ -360,4 +436,4 @@ def linear_keys(src: ModelSource, i: int) -> list[str]:
     return [f"model.layers.{i}.{name}" for name in src.arch.linears]
 
 
-__all__ = ["DTYPES", "FORMATS", "README_FILE", "REPORT_FILE", "export_run"]
+__all__ = ["DTYPES", "FORMATS", "README_FILE", "REPORT_FILE", "export_run", "side_report"]

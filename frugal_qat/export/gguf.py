@@ -1,8 +1,8 @@
 """GGUF export: one file that llama.cpp, Ollama and transformers load, holding exactly the run's weights.
 
-    export_gguf(src, stage)       the format's writer for ``export_run`` (writes ``stage/model.gguf``)
-    write_gguf(src, path)         the file itself (also for a dense checkpoint: F16/BF16/F32 weights)
-    verify_gguf(run_dir, path)    gguf-py decodes every tensor to the run's weights exactly; transformers' perplexity
+    write_gguf(src, path)         the file (``export_run(..., "gguf", FILE.gguf)``; also a dense checkpoint: F16/BF16/F32)
+    verify_gguf(run_dir, path)    gguf-py decodes every tensor to the run's weights exactly; transformers' GGUF loader
+                                  against frugal-qat's own perplexity (``verify.check_loaders``)
 
 What each linear becomes (``frugal_qat.quantizer.kquant`` has the block layouts):
 
@@ -47,28 +47,33 @@ from frugal_qat.quantizer import kquant, unpack_linear
 
 log = logging.getLogger(__name__)
 
-GGUF_FILE = "model.gguf"
 # llama.cpp architecture of each supported family, and whether its converter permutes q/k rows.
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 PERMUTES_QK = {"llama": True, "qwen2": False}
-NOMINAL_BITS = {"q4_k": 4, "q3_k": 3, "q2_k": 2, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q8_0": 8}
 _DENSE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+LLAMA_CPP = "llama.cpp of llama-cpp-python 0.3.36"  # the build tools/bench_gguf.py measured with
 
 
-def export_gguf(src: ModelSource, stage: Path, *, pre_tokenizer: str | None = None, verify: bool = True,
-                n_windows: int = 4, seqlen: int = 64) -> dict[str, Any]:
-    """``export_run``'s writer for ``--format gguf``: ``stage/model.gguf``, then (``verify``) :func:`verify_gguf`.
+def engine_support() -> list:
+    """What loads a frugal-qat GGUF (``export.engines.EngineSupport`` entries, as the other formats list theirs)."""
+    from frugal_qat.export.engines import CHECKED_VERSIONS, EngineSupport
 
-    Returns the report's format-specific part: the GGUF types used per linear (with the fallbacks), the file and,
-    with ``verify``, both checks.
+    return [
+        EngineSupport(f"{LLAMA_CPP} (llama-perplexity, llama-completion)", True, "checked",
+                      "by tools/bench_gguf.py on SmolLM2-135M (docs/GGUF.md), not in CI"),
+        EngineSupport(f"transformers {CHECKED_VERSIONS['transformers']} (from_pretrained(dir, gguf_file=...))", True,
+                      "checked", "dequantizes every tensor through gguf-py; the export's verification loads it"),
+        EngineSupport("Ollama and other llama.cpp front ends", True, "not checked",
+                      "they read GGUF through llama.cpp; not run here"),
+    ]
 
-    Raises:
-        ConfigError: a run no GGUF type holds exactly (kquant.GridRefused's reason).
-    """
-    details = write_gguf(src, Path(stage) / GGUF_FILE, pre_tokenizer=pre_tokenizer)
-    if verify:
-        details["verify"] = verify_gguf(src.dir, Path(stage) / GGUF_FILE, n_windows=n_windows, seqlen=seqlen)
-    return details
+
+def engine_line(types: dict[str, str]) -> str:
+    """One line, as ``engines.engine_line`` gives for the other formats."""
+    kinds = ", ".join(f"{t} x{list(types.values()).count(t)}" for t in sorted(set(types.values())))
+    support = engine_support()
+    yes = "; ".join(e.text() for e in support if e.loads)
+    return f"gguf ({kinds} per block): loads in {yes}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,24 +478,6 @@ def add_tokenizer(writer, src: ModelSource, arch: str, pre_tokenizer: str | None
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_block_state(src: ModelSource, i: int) -> dict[str, torch.Tensor]:
-    """Block i of any run as fp32 dense weights: ``src.block_state`` for plain runs and checkpoints; a grid run's
-    ``<linear>.ggml`` blocks decoded by ``kquant.dequantize``. (Phase 2 moves the grid case into ModelSource.)"""
-    if run_kind(src) != "grid":
-        return src.block_state(i)
-    raw = src.store.block_state(i, dtype=None)
-    shapes = {lin.name: lin for lin in src.linear_shapes()}
-    out = {}
-    for key, t in raw.items():
-        owner, kind = key.rsplit(".", 1)
-        if kind == "ggml":
-            t_name = src.quant["gguf_types"][owner]
-            out[f"{owner}.weight"] = kquant.dequantize(t, kquant.TYPES[t_name], shapes[owner].in_features)
-        else:
-            out[key] = t.float()
-    return out
-
-
 def check_gguf_weights(src: ModelSource, path: Path) -> dict[str, Any]:
     """Every tensor of the file decoded by gguf-py's dequantizer (q/k rows un-permuted) against the run's fp32
     weights: the largest absolute difference (0.0 when the file holds the run exactly)."""
@@ -515,7 +502,7 @@ def check_gguf_weights(src: ModelSource, path: Path) -> dict[str, Any]:
 
     compare("token_embd.weight", src.embed_weight())
     for i, plan in enumerate(blocks):
-        state = run_block_state(src, i)
+        state = src.block_state(i)
         for t in plan:
             heads = None
             if PERMUTES_QK[arch] and t.key.startswith(("self_attn.q_proj.", "self_attn.k_proj.")):
@@ -528,27 +515,6 @@ def check_gguf_weights(src: ModelSource, path: Path) -> dict[str, Any]:
             "max_abs_weight_diff": worst}
 
 
-def load_run_model(run_dir: str | Path) -> torch.nn.Module:
-    """The run as a transformers model (fp32), any run kind: ``export.hf_model.load_quantized_model``'s job, with
-    grid runs decoded by :func:`run_block_state` (phase 2 makes ModelSource read them, and this goes)."""
-    from frugal_qat.export.hf_model import _assign, load_quantized_model
-
-    src = ModelSource(run_dir)
-    if run_kind(src) != "grid":
-        return load_quantized_model(run_dir)
-    with torch.device("meta"):
-        model = src.arch.causal_lm_cls(src.hf)
-    for i in range(src.n_layers):
-        _assign(model, {block_prefix(i) + k: v for k, v in run_block_state(src, i).items()}, f"block {i}")
-    _assign(model, {EMBED_KEY: src.embed_weight().float(), NORM_KEY: src.store.get(NORM_KEY).float()}, "embeddings")
-    if src.hf.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    else:
-        _assign(model, {LM_HEAD_KEY: src.lm_head_weight().float()}, "lm_head")
-    model.model.rotary_emb = src.rotary()
-    return model.eval()
-
-
 def load_gguf_model(path: Path) -> torch.nn.Module:
     """The GGUF file through transformers' own GGUF loader (dequantized by gguf-py), fp32."""
     from transformers import AutoModelForCausalLM
@@ -557,27 +523,38 @@ def load_gguf_model(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def verify_gguf(run_dir: str | Path, path: Path, *, n_windows: int = 4, seqlen: int = 64,
-                windows: torch.Tensor | None = None) -> dict[str, Any]:
-    """Both checks of the export: ``weights`` (must be exact, else CorruptCheckpoint: a bug of ours) and
-    ``logits``: the file loaded by transformers against frugal-qat's forward of the run on the same windows."""
-    from frugal_qat.export.verify import _logits_and_ppl, sample_windows
+def gguf_loader(file_name: str, device: torch.device):
+    """transformers' GGUF loader as an ``export.loaders.Loader`` (dequantized by gguf-py, fp32 on CPU), so the
+    verification scores it like every other format's loaders."""
+    from frugal_qat.export.loaders import Arg, Loader
+
+    args = (Arg("gguf_file", repr(file_name), lambda: file_name), Arg("dtype", "torch.float32", lambda: torch.float32))
+    if device.type == "cuda":
+        args += (Arg("device_map", '"cuda"', lambda: "cuda"),)
+    return Loader("transformers", "recommended", args, ("gguf",), label="transformers GGUF loader")
+
+
+def verify_gguf(run_dir: str | Path, path: Path, *, windows: torch.Tensor | None = None, tokens: int = 256,
+                device: torch.device | str | None = None) -> dict[str, Any]:
+    """Both checks of a GGUF export, as ``verify.verify_export`` makes them for the other formats: ``weights``
+    (gguf-py's dequantizer against the run, must be exact, else CorruptCheckpoint: a bug of ours), then the file
+    loaded by transformers' GGUF loader scored against frugal-qat's own forward of the run on ``windows`` (default:
+    ``tokens`` of the run's calibration windows, ``verify.calibration_windows``) by ``verify.check_loaders``."""
+    from frugal_qat.export.verify import TOLERANCE, calibration_windows, check_loaders
 
     src = ModelSource(run_dir)
+    path = Path(path)
     report: dict[str, Any] = {"weights": check_gguf_weights(src, path)}
     diff = report["weights"]["max_abs_weight_diff"]
     if diff != 0.0:
         raise CorruptCheckpoint(f"{path} does not decode to the run's weights (max diff {diff:.3g}); this is a bug "
                                 f"in frugal-qat's GGUF exporter, please report it with the run's config.json")
     if windows is None:
-        windows = sample_windows(run_dir, n_windows, seqlen)
-    ours, ppl_ours = _logits_and_ppl(load_run_model(run_dir), windows)
-    theirs, ppl_theirs = _logits_and_ppl(load_gguf_model(path), windows)
-    report["logits"] = {"loader": f"transformers {_version('transformers')} + gguf {_version('gguf')}",
-                        "windows": list(windows.shape), "max_abs_logit_diff": float((ours - theirs).abs().max()),
-                        "ppl_frugal_qat": ppl_ours, "ppl_export": ppl_theirs}
-    log.info("verify gguf: weights exact; perplexity %.4f through transformers (frugal-qat %.4f)", ppl_theirs,
-             ppl_ours)
+        windows = calibration_windows(run_dir, tokens)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
+    report.update(check_loaders(run_dir, path.parent, "gguf", windows, "float32", device, TOLERANCE,
+                                loaders=[gguf_loader(path.name, device)]))
     return report
 
 
@@ -587,41 +564,4 @@ def _version(package: str) -> str:
     return importlib.metadata.version(package)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A run in a GGUF grid without training (phase 1 stand-in for ``block-ap --gguf TYPE --epochs 0``)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def grid_init_run(model_dir: str | Path, run_dir: str | Path, gguf_type: str) -> Path:
-    """A finished run directory with every linear at ``kquant.init_grid`` (no training), in the layout docs/GGUF.md
-    proposes for runs trained in a GGUF grid: ``<linear>.ggml`` uint8 [out, row bytes] per linear, fp16 norms and
-    biases, ``quantization_config`` with ``gguf`` and ``gguf_types``. Used by the tests and tools/bench_gguf.py
-    until Block-AP writes such runs itself (it will write exactly this)."""
-    from torch import nn
-
-    from frugal_qat.checkpoint.run_dir import extra_tensors, save_block, write_model_files
-
-    src, run = ModelSource(model_dir), Path(run_dir)
-    types: dict[str, str] = {}
-    for i in range(src.n_layers):
-        block = src.block(i)
-        tensors = {}
-        for name, mod in list(block.named_modules()):
-            if isinstance(mod, nn.Linear):
-                layer = kquant.GGUFQuantLinear.from_linear(mod, gguf_type, name=f"layers.{i}.{name}").freeze_()
-                types[name] = layer.gguf_type
-                tensors.update({f"{name}.{k}": v for k, v in layer.pack().items()})
-        for key, p in block.named_parameters():
-            if key.rsplit(".", 1)[0] not in types:
-                tensors[key] = p.detach().half()
-        save_block(run, i, tensors)
-    extra = extra_tensors(src.store.get, src.store.has, src.tied)
-    write_model_files(run, src.dir, src.config, extra, src.n_layers, NOMINAL_BITS[gguf_type],
-                      kquant.TYPES[gguf_type].sub, src.arch.linears)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["quantization_config"].update({"gguf": gguf_type, "gguf_types": types, "pack_layout": "ggml"})
-    (run / "config.json").write_text(json.dumps(cfg, indent=2))
-    return run
-
-
-__all__ = ["GGUF_FILE", "export_gguf", "grid_init_run", "verify_gguf", "write_gguf"]
+__all__ = ["engine_line", "engine_support", "verify_gguf", "write_gguf"]

@@ -29,7 +29,7 @@ from frugal_qat.arch import (
 )
 from frugal_qat.checkpoint.run_dir import read_quant_config
 from frugal_qat.offload.weights import WeightStore
-from frugal_qat.quantizer import dequantize, unpack_linear
+from frugal_qat.quantizer import dequantize, kquant, unpack_linear
 
 
 class ModelSource:
@@ -45,14 +45,19 @@ class ModelSource:
         self.tied = bool(getattr(self.hf, "tie_word_embeddings", False)) or not self.store.has(LM_HEAD_KEY)
 
     def block_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's tensors as fp32 dense weights (packed linears dequantized)."""
+        """Block i's tensors as fp32 dense weights (packed linears dequantized: ``(q - z) * s`` for a plain run,
+        the ggml blocks decoded by ``kquant.dequantize`` for a run trained in a GGUF grid)."""
         if self.quant is None:
             return self.store.block_state(i, torch.float32)
         raw = self.store.block_state(i, dtype=None)
         bits, group = self.quant["bits"], self.quant["group_size"]
         out = {}
         for key, t in raw.items():
-            if key.endswith(".qweight"):
+            if key.endswith(".ggml"):
+                base = key[: -len(".ggml")]
+                gtype = kquant.TYPES[self.quant["gguf_types"][base]]
+                out[f"{base}.weight"] = kquant.dequantize(t, gtype, t.shape[1] // gtype.type_size * gtype.block)
+            elif key.endswith(".qweight"):
                 base = key[: -len(".qweight")]
                 packed = {n: raw[f"{base}.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx")}
                 in_f, out_f = packed["g_idx"].numel(), packed["scales"].shape[1]

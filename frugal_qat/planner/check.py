@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 
-from frugal_qat.config import RunConfig
+from frugal_qat.config import GGUF_BITS, RunConfig
 from frugal_qat.errors import OutOfSpace
 from frugal_qat.planner.estimate import PHASE_TITLES, GiB, Plan, PlanSettings, plan
 
@@ -38,13 +38,26 @@ def require_fit(config: dict[str, Any], settings: PlanSettings, phases: tuple[st
     return p
 
 
+def planner_grid(wbits: int, group_size: int, gguf: str | None) -> tuple[int, int]:
+    """(wbits, group_size) the planner sizes a run with. It does not know the GGUF grids (their terms are in
+    docs/GGUF.md): a run in one is planned as the uniform grid of at least its bits with one group per sub-block,
+    which holds at least as many trainable and stored values (q4_k -> w4g32, q3_k -> w3g16, q2_k -> w2g16, q5_0 and
+    q8_0 -> w8g32)."""
+    if not gguf:
+        return wbits, group_size
+    from frugal_qat.quantizer import kquant
+
+    return min(b for b in (2, 3, 4, 8) if b >= GGUF_BITS[gguf]), kquant.TYPES[gguf].sub
+
+
 def settings_from_config(cfg: RunConfig, device: str, **overrides: Any) -> PlanSettings:
     """The planner's view of a run's settings: every field of ``cfg`` the formulas read (the run's recipe and
     flags), for a run on ``device`` ("cuda" or "cpu"); ``overrides`` set the rest (machine limits, the GPU model,
     a run directory's own bits and group size for E2E-QP). The one place a RunConfig becomes PlanSettings."""
     q, d, b, e, o = cfg.quant, cfg.data, cfg.block_ap, cfg.e2e_qp, cfg.offload
+    wbits, group_size = planner_grid(q.wbits, q.group_size, q.gguf)
     fields = dict(
-        wbits=q.wbits, group_size=q.group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
+        wbits=wbits, group_size=group_size, seqlen=d.seqlen, batch_size=b.micro_batch,
         block_ap_grad_accum=b.grad_accum, train_size=d.train_size, val_size=d.val_size, epochs=b.epochs,
         e2e_seqlen=e.seqlen, e2e_batch_size=e.batch_size, e2e_train_size=e.train_size, e2e_epochs=e.epochs,
         grad_accum=e.grad_accum, logits_chunk=e.logits_chunk, e2e_ckpt_every=e.ckpt_every_steps,

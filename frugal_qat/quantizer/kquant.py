@@ -396,37 +396,54 @@ def project_params_(t: GGMLType, p: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def init_grid(w: torch.Tensor, t: GGMLType, chunk_rows: int = 256) -> Grid:
-    """A good grid for ``W`` before training: per sub-block least-squares fit, then (k-quants) the sub-block scales
-    and mins quantized to their super-block grid with a local search. ``W`` ``[out, in]`` (float32 maths).
+def init_grid(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None = None, chunk_rows: int = 256) -> Grid:
+    """A good grid for ``W`` before training: per sub-block (weighted) least-squares fit, then (k-quants) the
+    sub-block scales and mins quantized to their super-block grid with a local search. ``W`` ``[out, in]`` (float32
+    maths).
+
+    ``importance`` ``[in]`` (optional): how much an error in each input column costs, ``h_j = E[x_j^2]`` over the
+    layer's inputs ``x`` (the diagonal of ``E[x x^T]``, llama.cpp's "importance matrix"). The output error of a
+    weight error ``ΔW`` is ``E||ΔW x||^2 = Σ_o ΔW_o E[x x^T] ΔW_o^T``, which the diagonal approximates by
+    ``Σ_{o,j} h_j ΔW_{oj}^2``: every squared error below is weighted by ``h_j`` (plus 1e-3 of its mean, so a dead
+    column still counts a little). ``None``: unit weights.
 
     1. Each sub-block gets a continuous ``(A, B)``. Asymmetric types: candidate steps ``(hi - lo) / (cmax + δ)``
        with ``lo = min(W)`` (k-quants: ``min(W, 0)``, because their ``B = dmin * m >= 0``), ``hi = max(W)`` and
-       ``δ`` in -1, -0.9, ..., 1; for each, codes by rounding and the least-squares ``(A, B)`` for those codes (B
-       held at 0 when it would turn negative, k-quants); the lowest squared error wins, min-max included.
-       Symmetric types: candidate steps that map the largest-magnitude weight ``e`` to ``cmin`` (``-e / (-cmin + δ)``)
-       or to ``cmax`` (``e / (cmax + δ)``), refitted by least squares (``A = Σ W c / Σ c²``). This is the search
-       of llama.cpp's reference quantizers (``make_qkx2_quants``, ``make_qx_quants``) with unit weights; we do
-       not use an importance matrix here: Block-AP then trains the grid on the block's output.
+       ``δ`` in -1, -0.9, ..., 1; for each, codes by rounding and the weighted least-squares ``(A, B)`` for those
+       codes (B held at 0 when it would turn negative, k-quants); the lowest weighted squared error wins, min-max
+       included. Symmetric types: candidate steps that map the largest-magnitude weight ``e`` to ``cmin``
+       (``-e / (-cmin + δ)``) or to ``cmax`` (``e / (cmax + δ)``), refitted by weighted least squares
+       (``A = Σ h W c / Σ h c²``). This is the search of llama.cpp's reference quantizers (``make_qkx2_quants``,
+       ``make_qx_quants``; with an importance matrix ``make_qkx3_quants``, whose weights are
+       ``h_j * sqrt(σ² + W²)``: we weight by ``h_j`` alone, the diagonal approximation above).
     2. Legacy types: ``d = fp16(A)`` (q4_1: ``B`` in float16 too).
        k-quants: ``d = fp16(max_j A_j / kmax)`` (q3_k: ``max(A / 31, -A / 32)``, so the largest sub-block scale
        uses the extra negative level), ``k = clamp(round(A / d))``, and likewise ``dmin``, ``m``; then each
-       sub-block tries ``k ± 1`` (and ``m ± 1``) and keeps the pair with the lowest squared error.
+       sub-block tries ``k ± 1`` (and ``m ± 1``) and keeps the pair with the lowest weighted squared error.
 
     ``chunk_rows`` rows are fitted at a time, bounding the temporaries to about 40 bytes per weight of a chunk.
     """
     if w.dim() != 2 or w.shape[1] % t.block:
         raise ValueError(f"{t.name}: expected [out, in] with in a multiple of {t.block}, got {tuple(w.shape)}")
-    parts = [_init_rows(w[r0:r0 + chunk_rows].detach().float(), t) for r0 in range(0, w.shape[0], chunk_rows)]
+    h = None
+    if importance is not None:
+        if tuple(importance.shape) != (w.shape[1],):
+            raise ValueError(f"{t.name}: importance has shape {tuple(importance.shape)}, expected [{w.shape[1]}]")
+        h = importance.detach().float().to(w.device).clamp(min=0)
+        mean = h.mean()
+        h = h + 1e-3 * mean if mean > 0 else torch.ones_like(h)
+        h = _sub_blocks(h.unsqueeze(0), t.sub)  # [1, ns, sub], broadcast over rows
+    parts = [_init_rows(w[r0:r0 + chunk_rows].detach().float(), t, h) for r0 in range(0, w.shape[0], chunk_rows)]
     return Grid(*(None if parts[0][f] is None else torch.cat([p[f] for p in parts]) for f in range(4)))
 
 
-def _init_rows(w: torch.Tensor, t: GGMLType) -> tuple:
+def _init_rows(w: torch.Tensor, t: GGMLType, h: torch.Tensor | None) -> tuple:
     xs = _sub_blocks(w, t.sub)  # [R, ns, sub]
+    hs = torch.ones_like(xs) if h is None else h.expand_as(xs)
     if t.has_min:
-        a, b = _fit_asym(xs, t.cmax, nonneg_min=t.two_level)
+        a, b = _fit_asym(xs, hs, t.cmax, nonneg_min=t.two_level)
     else:
-        a, b = _fit_sym(xs, t.cmin, t.cmax), None
+        a, b = _fit_sym(xs, hs, t.cmin, t.cmax), None
     if not t.two_level:
         return a.half().float(), None, (None if b is None else b.half().float()), None
     per = t.block // t.sub
@@ -442,7 +459,7 @@ def _init_rows(w: torch.Tensor, t: GGMLType) -> tuple:
     if t.has_min:
         dmin = (b.reshape(r, ns // per, per).clamp(min=0).amax(-1) / t.mmax).half().float()
         m = _levels(b, dmin, per, 0, t.mmax)
-    k, m = _refine_levels(xs, d, k, dmin, m, t)
+    k, m = _refine_levels(xs, hs, d, k, dmin, m, t)
     return d, k.to(torch.int16), dmin, (None if m is None else m.to(torch.int16))
 
 
@@ -452,15 +469,16 @@ def _levels(v: torch.Tensor, unit: torch.Tensor, per: int, lo: int, hi: int) -> 
     return q.clamp(lo, hi)
 
 
-def _sq_error(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, t: GGMLType) -> torch.Tensor:
-    """Squared error per sub-block [R, ns] of the best codes in the grid (A, B)."""
+def _sq_error(xs: torch.Tensor, hs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+              t: GGMLType) -> torch.Tensor:
+    """Weighted squared error per sub-block [R, ns] of the best codes in the grid (A, B)."""
     c = torch.clamp(torch.round(_ratio(xs, a, b, t)), t.cmin, t.cmax)
     w_hat = a.unsqueeze(-1) * c - (0 if b is None else b.unsqueeze(-1))
-    return (w_hat - xs).square().sum(-1)
+    return ((w_hat - xs).square() * hs).sum(-1)
 
 
-def _refine_levels(xs, d, k, dmin, m, t: GGMLType):
-    """Try k ± 1 (and m ± 1) per sub-block, keep the lowest error (one pass)."""
+def _refine_levels(xs, hs, d, k, dmin, m, t: GGMLType):
+    """Try k ± 1 (and m ± 1) per sub-block, keep the lowest weighted error (one pass)."""
     per = t.block // t.sub
     dd = d.repeat_interleave(per, 1)
     dm = None if dmin is None else dmin.repeat_interleave(per, 1)
@@ -470,7 +488,7 @@ def _refine_levels(xs, d, k, dmin, m, t: GGMLType):
         kk = (k + sk).clamp(t.kmin, t.kmax)
         for sm in steps_m:
             mm = None if m is None else (m + sm).clamp(0, t.mmax)
-            err = _sq_error(xs, dd * kk, None if mm is None else dm * mm, t)
+            err = _sq_error(xs, hs, dd * kk, None if mm is None else dm * mm, t)
             if best_err is None:
                 best_err, best_k, best_m = err, kk, mm
                 continue
@@ -482,9 +500,8 @@ def _refine_levels(xs, d, k, dmin, m, t: GGMLType):
     return best_k, best_m
 
 
-def _fit_asym(xs: torch.Tensor, cmax: int, nonneg_min: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sub-block ``(A, B)`` with ``W ≈ A c - B``, c in [0, cmax] (step 1 of ``init_grid``)."""
-    n = xs.shape[-1]
+def _fit_asym(xs: torch.Tensor, hs: torch.Tensor, cmax: int, nonneg_min: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block ``(A, B)`` with ``W ≈ A c - B``, c in [0, cmax], weights ``hs`` (step 1 of ``init_grid``)."""
     lo, hi = xs.amin(-1), xs.amax(-1)
     if nonneg_min:
         lo = lo.clamp(max=0.0)
@@ -492,24 +509,25 @@ def _fit_asym(xs: torch.Tensor, cmax: int, nonneg_min: bool) -> tuple[torch.Tens
     safe_span = torch.where(span > 0, span, torch.ones_like(span))
     best_a = torch.where(span > 0, span / cmax, torch.zeros_like(span))  # min-max, the first candidate
     best_b = -lo
-    best_err = _asym_err(xs, best_a, best_b, cmax)
-    sx = xs.sum(-1)
+    best_err = _asym_err(xs, hs, best_a, best_b, cmax)
+    sw, swx = hs.sum(-1), (hs * xs).sum(-1)
     for i in range(21):
         delta = -1.0 + 0.1 * i
         step = safe_span / (cmax + delta)
         c = torch.clamp(torch.round((xs - lo.unsqueeze(-1)) / step.unsqueeze(-1)), 0, cmax)
-        sc, scc, sxc = c.sum(-1), c.square().sum(-1), (c * xs).sum(-1)
-        det = n * scc - sc * sc
+        hc = hs * c
+        sc, scc, sxc = hc.sum(-1), (hc * c).sum(-1), (hc * xs).sum(-1)
+        det = sw * scc - sc * sc
         ok = (det > 0) & (span > 0)
         safe_det = torch.where(ok, det, torch.ones_like(det))
-        a = (n * sxc - sc * sx) / safe_det
-        off = (sx - a * sc) / n  # W ≈ A c + off, B = -off
+        a = (sw * sxc - sc * swx) / safe_det
+        off = (swx - a * sc) / sw  # W ≈ A c + off, B = -off
         if nonneg_min:
             clip = off > 0
             a = torch.where(clip, sxc / torch.where(scc > 0, scc, torch.ones_like(scc)), a)
             off = torch.where(clip, torch.zeros_like(off), off)
         ok = ok & (a > 0)
-        err = (a.unsqueeze(-1) * c + off.unsqueeze(-1) - xs).square().sum(-1)
+        err = ((a.unsqueeze(-1) * c + off.unsqueeze(-1) - xs).square() * hs).sum(-1)
         better = ok & (err < best_err)
         best_a = torch.where(better, a, best_a)
         best_b = torch.where(better, -off, best_b)
@@ -517,39 +535,40 @@ def _fit_asym(xs: torch.Tensor, cmax: int, nonneg_min: bool) -> tuple[torch.Tens
     return best_a, best_b
 
 
-def _asym_err(xs, a, b, cmax):
+def _asym_err(xs, hs, a, b, cmax):
     safe = torch.where(a > 0, a, torch.ones_like(a))
     c = torch.clamp(torch.round((xs + b.unsqueeze(-1)) / safe.unsqueeze(-1)), 0, cmax)
     c = torch.where(a.unsqueeze(-1) > 0, c, torch.zeros_like(c))
-    return (a.unsqueeze(-1) * c - b.unsqueeze(-1) - xs).square().sum(-1)
+    return ((a.unsqueeze(-1) * c - b.unsqueeze(-1) - xs).square() * hs).sum(-1)
 
 
-def _fit_sym(xs: torch.Tensor, cmin: int, cmax: int) -> torch.Tensor:
-    """Per sub-block signed ``A`` with ``W ≈ A c``, c in [cmin, cmax] (step 1 of ``init_grid``)."""
+def _fit_sym(xs: torch.Tensor, hs: torch.Tensor, cmin: int, cmax: int) -> torch.Tensor:
+    """Per sub-block signed ``A`` with ``W ≈ A c``, c in [cmin, cmax], weights ``hs`` (step 1 of ``init_grid``)."""
     idx = xs.abs().argmax(-1, keepdim=True)
     e = xs.gather(-1, idx).squeeze(-1)  # the signed extreme
     best_a = -e / (-cmin)  # ggml's own choice: the extreme lands on cmin
-    best_err = _sym_err(xs, best_a, cmin, cmax)
+    best_err = _sym_err(xs, hs, best_a, cmin, cmax)
     for base, sign in ((-cmin, -1.0), (cmax, 1.0)):
         for i in range(11):
             delta = -0.5 + 0.1 * i
             a0 = sign * e / (base + delta)
             safe = torch.where(a0 != 0, a0, torch.ones_like(a0))
             c = torch.clamp(torch.round(xs / safe.unsqueeze(-1)), cmin, cmax)
-            scc = c.square().sum(-1)
-            a = torch.where(scc > 0, (c * xs).sum(-1) / torch.where(scc > 0, scc, torch.ones_like(scc)), a0)
-            err = _sym_err(xs, a, cmin, cmax)
+            hc = hs * c
+            scc = (hc * c).sum(-1)
+            a = torch.where(scc > 0, (hc * xs).sum(-1) / torch.where(scc > 0, scc, torch.ones_like(scc)), a0)
+            err = _sym_err(xs, hs, a, cmin, cmax)
             better = (a0 != 0) & (err < best_err)
             best_a = torch.where(better, a, best_a)
             best_err = torch.where(better, err, best_err)
     return best_a
 
 
-def _sym_err(xs, a, cmin, cmax):
+def _sym_err(xs, hs, a, cmin, cmax):
     safe = torch.where(a != 0, a, torch.ones_like(a))
     c = torch.clamp(torch.round(xs / safe.unsqueeze(-1)), cmin, cmax)
     c = torch.where(a.unsqueeze(-1) != 0, c, torch.zeros_like(c))
-    return (a.unsqueeze(-1) * c - xs).square().sum(-1)
+    return ((a.unsqueeze(-1) * c - xs).square() * hs).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -846,28 +865,30 @@ class GGUFQuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, **f32))
         else:
             self.register_parameter("bias", None)
-        self._quant_names = []
+        self.quant_names = []
         for key, shape in param_shapes(self.spec, out_features, in_features).items():
             if key in BUFFERS:
                 self.register_buffer(key, torch.ones(shape, **f32))
             else:
                 setattr(self, key, nn.Parameter(torch.ones(shape, **f32)))
-                self._quant_names.append(key)
+                self.quant_names.append(key)
 
     @property
     def spec(self) -> GGMLType:
         return TYPES[self.gguf_type]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, gguf_type: str, name: str = "") -> GGUFQuantLinear:
-        """Copy ``linear``'s weight and bias (float32) and fit the grid with ``init_grid``."""
+    def from_linear(cls, linear: nn.Linear, gguf_type: str, name: str = "",
+                    importance: torch.Tensor | None = None) -> GGUFQuantLinear:
+        """Copy ``linear``'s weight and bias (float32) and fit the grid with ``init_grid`` (weighted by
+        ``importance`` [in], the mean squared input of each column, when given)."""
         layer = cls(linear.in_features, linear.out_features, gguf_type, bias=linear.bias is not None, name=name,
                     device=linear.weight.device)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-            layer._load_grid(init_grid(layer.weight, layer.spec))
+            layer._load_grid(init_grid(layer.weight, layer.spec, importance))
         return layer
 
     def qparams(self) -> dict[str, torch.Tensor]:
@@ -890,7 +911,7 @@ class GGUFQuantLinear(nn.Module):
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def quant_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, k) for k in self._quant_names]
+        return [getattr(self, k) for k in self.quant_names]
 
     def project_(self) -> None:
         """Back into the parameters' ranges after an optimizer step (:func:`project_params_`)."""
@@ -972,13 +993,13 @@ class GGUFPackedLinear(nn.Module):
         self.register_buffer("ggml", torch.zeros(out_features, row_bytes(t, in_features), dtype=torch.uint8,
                                                  device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
-        self._quant_names = []
+        self.quant_names = []
         for key, shape in param_shapes(t, out_features, in_features).items():
             if key in BUFFERS or key == "zero":
                 self.register_buffer(key, torch.ones(shape, dtype=torch.float32, device=device))
             else:
                 setattr(self, key, nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device)))
-                self._quant_names.append(key)
+                self.quant_names.append(key)
 
     @property
     def spec(self) -> GGMLType:
@@ -1006,7 +1027,7 @@ class GGUFPackedLinear(nn.Module):
         return {k: getattr(self, k) for k in param_shapes(self.spec, self.out_features, self.in_features)}
 
     def quant_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, k) for k in self._quant_names]
+        return [getattr(self, k) for k in self.quant_names]
 
     def project_(self) -> None:
         project_params_(self.spec, self.qparams())

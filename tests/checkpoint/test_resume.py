@@ -128,3 +128,37 @@ def test_a_damaged_stream_is_named_and_other_settings_are_refused(setup):
     assert r.returncode == 2
     assert "quant.wbits: run has 2, now 3" in r.stderr and "--restart" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# A run in a GGUF grid (docs/GGUF.md): down_proj in q2_k (intermediate 256), the other linears in its q4_0 fallback.
+GRID_ARGS = [*ARGS, "--gguf", "q2_k"]
+GRID_SEQUENCE = [
+    "train_checkpoint@1",  # the first mid-epoch checkpoint torn: the restart reads the saved importance, trains again
+    "stream_sync@5",  # the quant update half done: the init could not be recomputed from the stream now
+    "save_block@1",  # packing block 0's ggml bytes
+]
+
+
+@pytest.mark.slow
+def test_grid_run_killed_in_sequence_resumes_bit_identical(tmp_path):
+    model = save_tiny_model(tmp_path / "model", hidden=64, intermediate=256)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS * 60)
+
+    def cmd(out):
+        return [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(out), "--calib",
+                str(calib), *GRID_ARGS]
+
+    env = _env(tmp_path / "cache")
+    ref = subprocess.run(cmd(tmp_path / "reference"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "run"
+    for point in GRID_SEQUENCE:
+        killed = subprocess.run(cmd(out), env={**env, "FRUGAL_QAT_KILL_AT": point}, capture_output=True, text=True,
+                                timeout=600)
+        assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-1500:]}"
+    resumed = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = result_files(tmp_path / "reference")
+    assert any(k.endswith("mlp.down_proj.ggml") for k in reference)
+    assert result_files(out) == reference

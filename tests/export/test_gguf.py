@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import frugal_qat.export
 from frugal_qat.arch import block_prefix
 from frugal_qat.errors import ConfigError
+from frugal_qat.export import export_run
 from frugal_qat.export.gguf import (
-    GGUF_FILE,
     check_gguf_weights,
-    export_gguf,
-    grid_init_run,
     permute_rows,
     unpermute_rows,
     verify_gguf,
@@ -23,7 +22,7 @@ from frugal_qat.export.gguf import (
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.quantizer import kquant
 from tests.conftest import save_tiny_model
-from tests.export import make_run
+from tests.export import make_run, tree_digest
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,6 +30,7 @@ gguf = pytest.importorskip("gguf")
 # block (the grid initialisation of a 256-wide model dominates these tests' time);
 # the legacy types run on conftest's default tiny model (hidden 64, intermediate 128: multiples of 32)
 WIDE = {"hidden": 256, "intermediate": 256, "heads": 4, "kv_heads": 2, "layers": 1}
+GGUF_FILE = "model.gguf"
 
 
 def _widths(gguf_type: str) -> dict:
@@ -38,8 +38,17 @@ def _widths(gguf_type: str) -> dict:
 
 
 def make_grid_run(root: Path, gguf_type: str, **model_kwargs) -> Path:
-    """A finished run in a GGUF grid (grid initialisation, no steps) of a tiny model, in the proposed layout."""
-    return grid_init_run(save_tiny_model(root / "model", **model_kwargs), root / "run", gguf_type)
+    """A finished Block-AP run in a GGUF grid (``--epochs 0``: the imatrix-weighted grid initialisation) of a tiny
+    model."""
+    from frugal_qat.block_ap.run import run_block_ap
+    from frugal_qat.config import resolve
+
+    model = save_tiny_model(root / "model", **model_kwargs)
+    cfg = resolve(None, {"quant.gguf": gguf_type, "data.train_size": 4, "data.val_size": 0, "data.seqlen": 16,
+                         "block_ap.epochs": 0, "offload.device": "cpu"})
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    run_block_ap(model, root / "run", cfg, windows=windows, show_progress=False)
+    return root / "run"
 
 
 def _gguf_tensors(path: Path) -> dict:
@@ -86,12 +95,12 @@ def test_grid_run_is_copied_byte_for_byte(grid_runs, tmp_path, gguf_type):
 @pytest.mark.parametrize("gguf_type", ["q4_k", "q3_k", "q2_k"])
 def test_transformers_loads_the_gguf_with_frugal_qat_perplexity(grid_runs, tmp_path, gguf_type):
     run = grid_runs(gguf_type, **WIDE)
-    report = export_gguf(ModelSource(run), tmp_path, n_windows=2, seqlen=48)
-    v = report["verify"]
+    v = verify_gguf(run, _written(run, tmp_path), tokens=64)
     assert v["weights"]["max_abs_weight_diff"] == 0.0 and v["weights"]["tensors"] == 9 + 3
-    lg = v["logits"]
-    assert abs(lg["ppl_export"] / lg["ppl_frugal_qat"] - 1) < 0.005  # the issue's bar; measured: equal
-    assert lg["max_abs_logit_diff"] < 1e-3
+    (res,) = v["loaders"]
+    assert res["status"] == "ok" and res["loader"] == "transformers GGUF loader (recommended)"
+    assert abs(res["rel_diff"]) < 0.005  # the issue's bar; measured: equal
+    assert res["max_abs_logit_diff"] < 1e-3 and v["warnings"] == []
 
 
 def test_k_quant_falls_back_per_tensor_on_narrow_rows(grid_runs, tmp_path):
@@ -102,15 +111,15 @@ def test_k_quant_falls_back_per_tensor_on_narrow_rows(grid_runs, tmp_path):
     tensors = _gguf_tensors(tmp_path / GGUF_FILE)
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_1
     assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_K
-    assert verify_gguf(run, tmp_path / GGUF_FILE, n_windows=1, seqlen=32)["weights"]["max_abs_weight_diff"] == 0.0
+    assert check_gguf_weights(ModelSource(run), tmp_path / GGUF_FILE)["max_abs_weight_diff"] == 0.0
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_families(grid_runs, tmp_path, arch):
     run = grid_runs("q4_0", arch=arch)
-    v = verify_gguf(run, _written(run, tmp_path), n_windows=1, seqlen=32)
+    v = verify_gguf(run, _written(run, tmp_path), tokens=32)
     assert v["weights"]["max_abs_weight_diff"] == 0.0
-    assert v["logits"]["max_abs_logit_diff"] < 1e-3
+    assert v["loaders"][0]["max_abs_logit_diff"] < 1e-3
     reader = gguf.GGUFReader(str(tmp_path / GGUF_FILE))
     assert reader.fields["general.architecture"].contents() == ("qwen2" if arch == "qwen2" else "llama")
     if arch == "qwen2":  # q/k/v biases as F32, rows not permuted
@@ -128,21 +137,21 @@ def _written(run: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("bits,expected", [(2, "q4_0"), (4, "q5_0")])
 def test_plain_run_in_its_exact_legacy_type(tmp_path, bits, expected):
     run = make_run(tmp_path / "r", bits, 32, tie=True)
-    (tmp_path / "out-dir").mkdir()
-    report = export_gguf(ModelSource(run), tmp_path / "out-dir", n_windows=2, seqlen=32)
+    report = export_run(run, "gguf", tmp_path / "out" / "tiny.gguf", verify_tokens=64)
     assert set(report["gguf_types"].values()) == {expected}
     v = report["verify"]
     assert v["weights"]["max_abs_weight_diff"] == 0.0
-    assert abs(v["logits"]["ppl_export"] / v["logits"]["ppl_frugal_qat"] - 1) < 0.005
-    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out-dir" / GGUF_FILE)).tensors}
+    assert abs(v["loaders"][0]["rel_diff"]) < 0.005
+    names = {t.name for t in gguf.GGUFReader(str(tmp_path / "out" / "tiny.gguf")).tensors}
     assert "output.weight" not in names  # tied: llama.cpp and transformers reuse token_embd
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.frugal_qat_export.json", "tiny.gguf"]
 
 
 def test_plain_run_refused_with_the_reason_before_writing(tmp_path):
     run = make_run(tmp_path / "r", 4, 16)
     with pytest.raises(ConfigError, match="group size 16 .*not a multiple of 32.*--gguf"):
-        write_gguf(ModelSource(run), tmp_path / GGUF_FILE)
-    assert not any(tmp_path.glob("*.gguf*"))
+        export_run(run, "gguf", tmp_path / "out.gguf", verify=False)
+    assert not any(tmp_path.glob("*.gguf*")) and not any(tmp_path.glob(".*partial"))
 
 
 def test_eight_bit_run_refused_when_codes_leave_q8_0(tmp_path):
@@ -184,3 +193,45 @@ def test_permutation_is_llama_cpps():
     y = torch.randn(24, 5)
     assert torch.equal(unpermute_rows(permute_rows(y, 3), 3), y)
     assert block_prefix(0) == "model.layers.0."
+
+
+# ---- the CLI contract: --out FILE.gguf, atomic, a re-run is a no-op ----------------------------------------------
+
+
+def test_one_file_export_is_atomic_and_a_rerun_is_a_no_op(grid_runs, tmp_path, monkeypatch):
+    run = grid_runs("q4_0")
+    out = tmp_path / "exports" / "tiny-q4_0.gguf"
+    first = export_run(run, "gguf", out, verify=False)
+    assert first["files"] == ["tiny-q4_0.gguf", "tiny-q4_0.frugal_qat_export.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(first["files"])  # no staging folder left
+    before = tree_digest(out.parent)
+    assert export_run(run, "gguf", out, verify=False) == {**first, "already_complete": True}
+    assert tree_digest(out.parent) == before
+
+    with pytest.raises(ConfigError, match="writes one file: pass --out FILE.gguf"):
+        export_run(run, "gguf", tmp_path / "folder", verify=False)
+    with pytest.raises(ConfigError, match=r"holds another export \(verify_windows_sha256"):
+        export_run(run, "gguf", out, verify_tokens=16)
+    (tmp_path / "foreign.gguf").write_bytes(b"GGUF, someone else's")
+    with pytest.raises(ConfigError, match="is not a frugal-qat export"):
+        export_run(run, "gguf", tmp_path / "foreign.gguf", verify=False)
+    assert (tmp_path / "foreign.gguf").read_bytes() == b"GGUF, someone else's"
+
+    # Killed at each step of the commit: before the report, between the report and the rename (the commit point),
+    # after the rename; each time the same command finishes the export, equal byte for byte.
+    for point in ("export_commit", "export_rename", "export_cleanup"):
+        target = tmp_path / point / "tiny-q4_0.gguf"
+
+        def kill(name, point=point):
+            if name == point:
+                raise KeyboardInterrupt(name)
+
+        monkeypatch.setattr(frugal_qat.export, "kill_point", kill)
+        with pytest.raises(KeyboardInterrupt):
+            export_run(run, "gguf", target, verify=False)
+        assert target.exists() == (point == "export_cleanup")
+        monkeypatch.undo()
+        again = export_run(run, "gguf", target, verify=False)
+        assert again.get("already_complete", False) == (point == "export_cleanup")
+        assert target.read_bytes() == out.read_bytes()
+        assert sorted(p.name for p in target.parent.iterdir()) == sorted(first["files"])

@@ -344,7 +344,7 @@ def test_packed_linear_equals_frozen_layer_and_its_scale_gradients(name):
     a, b = K.scales_from_params(packed.spec, ref)
     xr = x.clone().requires_grad_(True)
     (xr @ K.dequantize_codes(codes, a, b, packed.spec).t() * g).sum().backward()
-    for key in packed._quant_names:
+    for key in packed.quant_names:
         assert torch.allclose(getattr(packed, key).grad, ref[key].grad, rtol=1e-4, atol=1e-5), key
 
 
@@ -376,3 +376,22 @@ def test_gguf_py_reference_sizes_match_our_table():
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_id)]
         assert (block, size) == (t.block, t.type_size), t.name
     assert np.isclose(K.TYPES["q4_k"].bits_per_weight, 4.5) and np.isclose(K.TYPES["q2_k"].bits_per_weight, 2.625)
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q3_k", "q2_k", "q4_0"])
+def test_importance_weighted_init_lowers_the_output_error(name):
+    """With inputs whose columns differ in scale (as a layer's do), weighting the fit by each column's mean squared
+    input (llama.cpp's importance matrix) lowers the error of the layer's output ``E||(W - Ŵ) x||^2``."""
+    t = K.TYPES[name]
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 256, generator=g) * 0.02
+    x = torch.randn(512, 256, generator=g) * torch.exp(1.5 * torch.randn(256, generator=g))
+    h = x.square().mean(0)
+
+    def out_err(grid):
+        a, b = K.grid_scales(t, grid)
+        w_hat = K.dequantize_codes(K.quantize(w, a, b, t), a, b, t)
+        return float(((w_hat - w) @ x.T).square().mean())
+
+    plain, weighted = out_err(K.init_grid(w, t)), out_err(K.init_grid(w, t, importance=h))
+    assert weighted < 0.9 * plain, (weighted, plain)
