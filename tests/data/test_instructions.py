@@ -63,7 +63,8 @@ def test_sequence_layout_and_labels(alpaca_file, with_bos):
     for r in range(4):
         row = next(x for x in ROWS if x["output"] not in seen and _starts(ids[r], tok, prefix, x))
         seen.add(row["output"])
-        prompt = prefix + tok(alpaca_prompt(row["instruction"], row.get("input")), add_special_tokens=False)["input_ids"]
+        text = alpaca_prompt(row["instruction"], row.get("input"))
+        prompt = prefix + tok(text, add_special_tokens=False)["input_ids"]
         target = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         n_src, n_tgt = len(prompt), len(target)
         assert ids[r, :n_src].tolist() == prompt
@@ -89,7 +90,8 @@ def test_truncation_keeps_bos_and_the_response_cue(alpaca_file):
     for row in ROWS:
         prompt = tok(alpaca_prompt(row["instruction"], row.get("input")), add_special_tokens=False)["input_ids"]
         assert len(prompt) > 29  # every prompt is cut
-        target = tok(row["output"], add_special_tokens=False)["input_ids"][:3]  # cut: the EOS goes too, as in the reference
+        # Cut to 3 tokens: the EOS goes too, as in the reference.
+        target = tok(row["output"], add_special_tokens=False)["input_ids"][:3]
         expected.add(tuple(bos + prompt[-29:] + target))
     assert {tuple(r) for r in ids.tolist()} == expected, "the prompt loses tokens on its left, after the BOS"
     assert all(r[30 - len(cue) : 30] == cue for r in ids.tolist())

@@ -196,7 +196,8 @@ def test_joined_too_little_text_names_tokens_and_fix(tmp_path):
     with pytest.raises(DataError) as err:
         draw_windows(number_tokenizer(), source, 4, 16, seed=0, sampling="joined")
     assert str(err.value) == (
-        "calibration text has 31 tokens; 4 windows x 16 need 64; give more text (--calib) or lower --train-size/--seqlen"
+        "calibration text has 31 tokens; 4 windows x 16 need 64; "
+        "give more text (--calib) or lower --train-size/--seqlen"
     )
 
 
@@ -210,6 +211,7 @@ def test_draws_are_seeded_and_prefix_stable(tmp_path, sampling):
     assert not torch.equal(a, draw_windows(tok, source, 24, 32, seed=8, sampling=sampling).windows)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~8 s here
 def test_same_windows_in_another_process(tmp_path):
     """No hidden state (hash seeds, generator state, thread timing) decides the windows."""
     source = write_corpus(tmp_path / "c.jsonl", LENGTHS)
@@ -310,7 +312,7 @@ def test_build_calibration_val_first_then_train(calib_dir):
 
 
 def test_build_calibration_not_enough_text(calib_dir):
-    with pytest.raises(DataError, match=r"calibration text has [\d,]+ tokens in 2 documents.*give more text \(--calib\)"):
+    with pytest.raises(DataError, match=r"calibration text has [\d,]+ tokens in 2 documents.*more text \(--calib\)"):
         build_calibration(make_tokenizer(), str(calib_dir), 4096, 64, 2048, seed=0)
 
 

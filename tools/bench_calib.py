@@ -1,0 +1,152 @@
+"""Benchmark: Block-AP's calibration step on local corpora from 10 MB to several GB (docs/DATA.md).
+
+Builds the corpora under --work (never the repository) from any text: the Python documentation sources
+(``/usr/share/doc/python3.11/html/_sources``, one document per file), written as ``.jsonl``:
+
+- ``small.jsonl``: the first documents of the set, up to --small-mb MB;
+- ``big.jsonl``: the whole set repeated to about --big-gb GB, one file;
+- ``folder/part-NNNN.jsonl``: the same repeats, one file per copy.
+
+Each measurement runs in a fresh process (so peak RSS is that process's own): load the tokenizer, then
+``build_calibration`` exactly as ``frugal-qat block-ap`` calls it, without a cache (the windows are drawn every
+time). It reports the time to build the windows (what stands between the start of Block-AP and its first block,
+besides opening the model, which does not depend on the corpus), the process's peak RSS, what was read, and the
+windows' sha256, so a second run with the same seed shows the same windows.
+
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --paper   # + 4096+64 windows rows
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --old-tree /tmp/old  # + the old loader
+
+``--old-tree`` points at a checkout of the code before streaming calibration (``git archive 1eec440 | tar -x -C
+/tmp/old``); its rows load the whole corpus (only the small corpora: the old loader needs ~20 GB for 4 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_corpora(work: Path, small_mb: float, big_gb: float, mid_mb: float) -> dict[str, Path]:
+    """Write the corpora (once; kept between runs) and return their paths by name."""
+    work.mkdir(parents=True, exist_ok=True)
+    files = sorted(DOCS.rglob("*.rst.txt"))
+    if not files:
+        sys.exit(f"no text under {DOCS}: apt-get install -y python3.11-doc")
+    lines = [json.dumps({"text": f.read_text(encoding="utf-8")}) + "\n" for f in files]
+    one_copy = "".join(lines)
+    out = {"small": work / "small.jsonl", "mid": work / "mid.jsonl", "big": work / "big.jsonl",
+           "folder": work / "folder"}
+    if not out["small"].exists():
+        take, size = [], 0
+        for line in lines:
+            if size + len(line) > small_mb * 1e6:
+                break
+            take.append(line)
+            size += len(line)
+        out["small"].write_text("".join(take))
+    copies_mid = max(1, round(mid_mb * 1e6 / len(one_copy)))
+    if not out["mid"].exists():
+        out["mid"].write_text(one_copy * copies_mid)
+    copies = max(1, round(big_gb * 1e9 / len(one_copy)))
+    if not out["big"].exists():
+        tmp = out["big"].with_suffix(".partial")
+        with open(tmp, "w") as f:
+            for _ in range(copies):
+                f.write(one_copy)
+        tmp.rename(out["big"])
+    if not out["folder"].exists():
+        tmp = work / "folder.partial"
+        tmp.mkdir(exist_ok=True)
+        for k in range(copies):
+            (tmp / f"part-{k:04d}.jsonl").write_text(one_copy)
+        tmp.rename(out["folder"])
+    return out
+
+
+def corpus_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def child(args) -> None:
+    """One measurement, in this process; prints one JSON line."""
+    import psutil
+
+    t0 = time.perf_counter()
+    from frugal_qat.cli.main import load_tokenizer
+    from frugal_qat.data.windows import build_calibration, fingerprint_windows
+
+    tok = load_tokenizer(Path(args.model))
+    rss_before = psutil.Process().memory_info().rss
+    t1 = time.perf_counter()
+    kwargs = {} if args.sampling == "old" else {"sampling": args.sampling}
+    train, val = build_calibration(tok, args.source, args.n_train, args.n_val, args.seqlen, args.seed, None, **kwargs)
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"build_s": t2 - t1, "process_s": t2 - t0, "peak_rss": peak, "rss_before": rss_before,
+                      "sha": fingerprint_windows(__import__("torch").cat([train, val]))[:12]}))
+
+
+def measure(args, source: Path, sampling: str, n_train: int, n_val: int, tree: Path = REPO) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--source", str(source),
+           "--sampling", sampling, "--n-train", str(n_train), "--n-val", str(n_val), "--seqlen", str(args.seqlen),
+           "--seed", str(args.seed)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"child failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="/tmp/smollm2", help="checkpoint whose tokenizer is used")
+    p.add_argument("--work", default="/tmp/calib_bench", help="where the corpora are written (not the repository)")
+    p.add_argument("--small-mb", type=float, default=10)
+    p.add_argument("--mid-mb", type=float, default=100)
+    p.add_argument("--big-gb", type=float, default=4)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-val", type=int, default=64)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--paper", action="store_true", help="also 4096 + 64 windows from the large corpora")
+    p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for 'before' rows")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--sampling", default="documents", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    corpora = make_corpora(Path(args.work), args.small_mb, args.big_gb, args.mid_mb)
+    plan = [(name, s, args.n_train, args.n_val, REPO) for s in ("documents", "joined")
+            for name in ("small", "big", "folder")]
+    if args.paper:
+        plan += [(name, s, 4096, 64, REPO) for s in ("documents", "joined") for name in ("big", "folder")]
+    if args.old_tree:
+        plan += [(name, "old", args.n_train, args.n_val, args.old_tree) for name in ("small", "mid")]
+    print(f"tokenizer {args.model}, windows of {args.seqlen}, seed {args.seed}; each row: two fresh processes")
+    print("| corpus | size | code / sampling | windows | build s (1st, 2nd) | process s | peak RSS GiB | "
+          "RSS before build GiB | same windows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, sampling, n_train, n_val, tree in plan:
+        path = corpora[name]
+        runs = [measure(args, path, sampling, n_train, n_val, tree) for _ in range(2)]
+        code = "before (whole load)" if sampling == "old" else f"streaming / {sampling}"
+        print(f"| {name} | {corpus_bytes(path) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | "
+              f"{runs[0]['build_s']:.1f}, {runs[1]['build_s']:.1f} | {runs[0]['process_s']:.1f} | "
+              f"{max(r['peak_rss'] for r in runs) / 2**30:.2f} | {runs[0]['rss_before'] / 2**30:.2f} | "
+              f"{'yes' if runs[0]['sha'] == runs[1]['sha'] else 'NO'} ({runs[0]['sha']}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
