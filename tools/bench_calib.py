@@ -4,14 +4,16 @@ Builds the corpora under --work (never the repository) from any text: the Python
 (``/usr/share/doc/python3.11/html/_sources``, one document per file), written as ``.jsonl``:
 
 - ``small.jsonl``: the first documents of the set, up to --small-mb MB;
+- ``mid.jsonl``: the whole set repeated to about --mid-mb MB;
 - ``big.jsonl``: the whole set repeated to about --big-gb GB, one file;
 - ``folder/part-NNNN.jsonl``: the same repeats, one file per copy.
 
 Each measurement runs in a fresh process (so peak RSS is that process's own): load the tokenizer, then
 ``build_calibration`` exactly as ``frugal-qat block-ap`` calls it, without a cache (the windows are drawn every
 time). It reports the time to build the windows (what stands between the start of Block-AP and its first block,
-besides opening the model, which does not depend on the corpus), the process's peak RSS, what was read, and the
-windows' sha256, so a second run with the same seed shows the same windows.
+besides opening the model, which does not depend on the corpus) in wall and CPU seconds (CPU time is less
+disturbed by other jobs on a shared machine), the process's peak RSS, and the windows' sha256, so a second run
+with the same seed shows the same windows.
 
     python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench
     python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --paper   # + 4096+64 windows rows
@@ -87,12 +89,15 @@ def child(args) -> None:
 
     tok = load_tokenizer(Path(args.model))
     rss_before = psutil.Process().memory_info().rss
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     t1 = time.perf_counter()
     kwargs = {} if args.sampling == "old" else {"sampling": args.sampling}
     train, val = build_calibration(tok, args.source, args.n_train, args.n_val, args.seqlen, args.seed, None, **kwargs)
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"build_s": t2 - t1, "process_s": t2 - t0, "peak_rss": peak, "rss_before": rss_before,
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"build_s": t2 - t1, "process_s": t2 - t0, "peak_rss": end.ru_maxrss * 1024,
+                      "rss_before": rss_before,
+                      "build_cpu_s": end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime,
                       "sha": fingerprint_windows(__import__("torch").cat([train, val]))[:12]}))
 
 
@@ -118,6 +123,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=64)
     p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2, help="fresh processes per row (2: the second run checks the windows)")
     p.add_argument("--paper", action="store_true", help="also 4096 + 64 windows from the large corpora")
     p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for 'before' rows")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -129,24 +135,31 @@ def main() -> None:
 
     corpora = make_corpora(Path(args.work), args.small_mb, args.big_gb, args.mid_mb)
     plan = [(name, s, args.n_train, args.n_val, REPO) for s in ("documents", "joined")
-            for name in ("small", "big", "folder")]
+            for name in ("small", "mid", "big", "folder")]
     if args.paper:
         plan += [(name, s, 4096, 64, REPO) for s in ("documents", "joined") for name in ("big", "folder")]
     if args.old_tree:
         plan += [(name, "old", args.n_train, args.n_val, args.old_tree) for name in ("small", "mid")]
-    print(f"tokenizer {args.model}, windows of {args.seqlen}, seed {args.seed}; each row: two fresh processes")
-    print("| corpus | size | code / sampling | windows | build s (1st, 2nd) | process s | peak RSS GiB | "
+    # Repetitions go round the whole plan, so a burst of load on the (shared) machine hits every row alike.
+    results: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
+    for _ in range(args.reps):
+        for i, (name, sampling, n_train, n_val, tree) in enumerate(plan):
+            results[i].append(measure(args, corpora[name], sampling, n_train, n_val, tree))
+    print(f"tokenizer {args.model}, windows of {args.seqlen}, seed {args.seed}, {args.reps} fresh processes per row "
+          "(build: min / max over them; CPU: user + system seconds of all threads, min)")
+    print("| corpus | size | code / sampling | windows | build s | build CPU s | process s | peak RSS GiB | "
           "RSS before build GiB | same windows |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, sampling, n_train, n_val, tree in plan:
-        path = corpora[name]
-        runs = [measure(args, path, sampling, n_train, n_val, tree) for _ in range(2)]
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, (name, sampling, n_train, n_val, _) in enumerate(plan):
+        runs = results[i]
         code = "before (whole load)" if sampling == "old" else f"streaming / {sampling}"
-        print(f"| {name} | {corpus_bytes(path) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | "
-              f"{runs[0]['build_s']:.1f}, {runs[1]['build_s']:.1f} | {runs[0]['process_s']:.1f} | "
-              f"{max(r['peak_rss'] for r in runs) / 2**30:.2f} | {runs[0]['rss_before'] / 2**30:.2f} | "
-              f"{'yes' if runs[0]['sha'] == runs[1]['sha'] else 'NO'} ({runs[0]['sha']}) |", flush=True)
-
+        build = [r["build_s"] for r in runs]
+        same = len({r["sha"] for r in runs}) == 1
+        print(f"| {name} | {corpus_bytes(corpora[name]) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | "
+              f"{min(build):.1f} / {max(build):.1f} | {min(r['build_cpu_s'] for r in runs):.1f} | "
+              f"{min(r['process_s'] for r in runs):.1f} | {max(r['peak_rss'] for r in runs) / 2**30:.3f} | "
+              f"{min(r['rss_before'] for r in runs) / 2**30:.3f} | {'yes' if same else 'NO'} ({runs[0]['sha']}) |",
+              flush=True)
 
 if __name__ == "__main__":
     main()
