@@ -219,6 +219,8 @@ def draw_windows(
                 "or pass --sampling joined (windows may then cross documents)"
             )
     windows = torch.from_numpy(np.stack(got)) if got else torch.zeros(0, L, dtype=torch.int32)
+    logger.info("%d windows x %d (%s sampling, seed %d) from %s: read %d documents, %d characters, %d tokens",
+                n, L, sampling, seed, source, docs_read, chars_read, tokens_read)
     return WindowDraw(windows, docs_read, tokens_read, chars_read)
 
 
