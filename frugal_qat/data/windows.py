@@ -88,16 +88,17 @@ def _batches(docs, max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS):
 class _DocumentWindows:
     """Windows inside documents, kept pass by pass (pass p: every document's p-th window, in document order) and
     only those that can still be among the first N of the sequence pass 0, pass 1, ...: a window is not kept when
-    its position is already N or more, and a pass is dropped once the passes before it hold N windows. So every
-    kept pass holds fewer than N windows, the passes before the last fewer than N together: under 2N in all."""
+    its position is already N or more, and a pass is dropped once the passes before it hold N windows. So a kept
+    pass holds at most N windows and the passes before the last fewer than N together: under 2N in all."""
 
     def __init__(self, n: int, seqlen: int, seed: int):
         self.n, self.L, self.seed = n, seqlen, seed
         self.passes: list[list[np.ndarray]] = []
         self.eligible = 0  # documents of at least L tokens seen
 
-    def full(self) -> bool:
-        return bool(self.passes) and len(self.passes[0]) >= self.n
+    def first_pass(self) -> int:
+        """Windows of the first pass (one per document of at least L tokens) held so far."""
+        return len(self.passes[0]) if self.passes else 0
 
     def slots(self, doc: int, length: int) -> list[int]:
         """Start offsets of document ``doc``'s windows, in the order its passes take them."""
@@ -171,7 +172,7 @@ def draw_windows(
     bar = tqdm(total=n, desc=f"calibration windows ({sampling})", unit="window", disable=not show_progress or None)
 
     def done() -> bool:
-        return (len(joined) if sampling == "joined" else len(by_doc.passes[0]) if by_doc.passes else 0) >= n
+        return (len(joined) if sampling == "joined" else by_doc.first_pass()) >= n
 
     docs = iter_documents(source, seed)
     try:
@@ -188,9 +189,9 @@ def draw_windows(
                         del carry[: whole * L]
                         bar.update(whole)
                 else:
-                    before = len(by_doc.passes[0]) if by_doc.passes else 0
+                    before = by_doc.first_pass()
                     by_doc.add(docs_read, ids)
-                    bar.update((len(by_doc.passes[0]) if by_doc.passes else 0) - before)
+                    bar.update(by_doc.first_pass() - before)
                 docs_read += 1
                 tokens_read += len(ids)
                 chars_read += len(doc)
