@@ -15,9 +15,9 @@ besides opening the model, which does not depend on the corpus) in wall and CPU 
 disturbed by other jobs on a shared machine), the process's peak RSS, and the windows' sha256, so a second run
 with the same seed shows the same windows.
 
-    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench
-    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --paper   # + 4096+64 windows rows
-    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --old-tree /tmp/old  # + the old loader
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --reps 5
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --sets paper   # 4096 + 64 windows
+    python tools/bench_calib.py --model /tmp/smollm2 --work /tmp/calib_bench --sets old --old-tree /tmp/old
 
 ``--old-tree`` points at a checkout of the code before streaming calibration (``git archive 1eec440 | tar -x -C
 /tmp/old``); its rows load the whole corpus (only the small corpora: the old loader needs ~20 GB for 4 GB).
@@ -124,8 +124,9 @@ def main() -> None:
     p.add_argument("--n-val", type=int, default=64)
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--reps", type=int, default=2, help="fresh processes per row (2: the second run checks the windows)")
-    p.add_argument("--paper", action="store_true", help="also 4096 + 64 windows from the large corpora")
-    p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for 'before' rows")
+    p.add_argument("--sets", default="main", help="comma-separated: main (every corpus, --n-train + --n-val windows), "
+                   "paper (4096 + 64 windows from the 4 GB corpora), old (the loader before streaming)")
+    p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for --sets old")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--sampling", default="documents", help=argparse.SUPPRESS)
@@ -134,11 +135,15 @@ def main() -> None:
         return child(args)
 
     corpora = make_corpora(Path(args.work), args.small_mb, args.big_gb, args.mid_mb)
-    plan = [(name, s, args.n_train, args.n_val, REPO) for s in ("documents", "joined")
-            for name in ("small", "mid", "big", "folder")]
-    if args.paper:
+    plan = []
+    if "main" in args.sets:  # the same windows from every corpus size
+        plan += [(name, s, args.n_train, args.n_val, REPO) for s in ("documents", "joined")
+                 for name in ("small", "mid", "big", "folder")]
+    if "paper" in args.sets:  # the paper's 4096 + 64 windows (the 10 MB corpus holds too few)
         plan += [(name, s, 4096, 64, REPO) for s in ("documents", "joined") for name in ("big", "folder")]
-    if args.old_tree:
+    if "old" in args.sets:  # the loader before streaming (whole load): only the small corpora
+        if not args.old_tree:
+            sys.exit("--sets old needs --old-tree")
         plan += [(name, "old", args.n_train, args.n_val, args.old_tree) for name in ("small", "mid")]
     # Repetitions go round the whole plan, so a burst of load on the (shared) machine hits every row alike.
     results: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
