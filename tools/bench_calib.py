@@ -3,7 +3,7 @@
 Builds the corpora under --work (never the repository) from any text: the Python documentation sources
 (``/usr/share/doc/python3.11/html/_sources``, one document per file), written as ``.jsonl``:
 
-- ``small.jsonl``: the first documents of the set, up to --small-mb MB;
+- ``small.jsonl``: every document of the set but each tenth (the same mix of lengths), up to --small-mb MB;
 - ``mid.jsonl``: the whole set repeated to about --mid-mb MB;
 - ``big.jsonl``: the whole set repeated to about --big-gb GB, one file;
 - ``folder/part-NNNN.jsonl``: the same repeats, one file per copy.
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +51,9 @@ def make_corpora(work: Path, small_mb: float, big_gb: float, mid_mb: float) -> d
            "folder": work / "folder"}
     if not out["small"].exists():
         take, size = [], 0
-        for line in lines:
+        for i, line in enumerate(lines):
+            if i % 10 == 9:
+                continue
             if size + len(line) > small_mb * 1e6:
                 break
             take.append(line)
@@ -81,8 +84,19 @@ def corpus_bytes(path: Path) -> int:
 
 def child(args) -> None:
     """One measurement, in this process; prints one JSON line."""
+    import logging
+
     import psutil
 
+    read = {}
+
+    class Capture(logging.Handler):  # the draw's "read N documents, C characters, T tokens" line
+        def emit(self, record):
+            if "read %d documents" in str(record.msg):
+                read.update(documents=record.args[-3], tokens=record.args[-1])
+
+    logging.getLogger("frugal_qat.data.windows").addHandler(Capture())
+    logging.getLogger("frugal_qat.data.windows").setLevel(logging.INFO)
     t0 = time.perf_counter()
     from frugal_qat.cli.main import load_tokenizer
     from frugal_qat.data.windows import build_calibration, fingerprint_windows
@@ -98,18 +112,18 @@ def child(args) -> None:
     print(json.dumps({"build_s": t2 - t1, "process_s": t2 - t0, "peak_rss": end.ru_maxrss * 1024,
                       "rss_before": rss_before,
                       "build_cpu_s": end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime,
-                      "sha": fingerprint_windows(__import__("torch").cat([train, val]))[:12]}))
+                      "sha": fingerprint_windows(__import__("torch").cat([train, val]))[:12], **read}))
 
 
-def measure(args, source: Path, sampling: str, n_train: int, n_val: int, tree: Path = REPO) -> dict:
+def measure(args, source: Path, sampling: str, n_train: int, n_val: int, seed: int, tree: Path = REPO) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--source", str(source),
            "--sampling", sampling, "--n-train", str(n_train), "--n-val", str(n_val), "--seqlen", str(args.seqlen),
-           "--seed", str(args.seed)]
+           "--seed", str(seed)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"child failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "seed": seed}
 
 
 def main() -> None:
@@ -122,8 +136,10 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=64)
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2, help="fresh processes per row (2: the second run checks the windows)")
+    p.add_argument("--seed", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--seeds", default="2,3,4", help="seeds measured (the cost depends on the documents drawn)")
+    p.add_argument("--reps", type=int, default=2, help="fresh processes per seed and row (the second run checks that "
+                   "the windows are the same)")
     p.add_argument("--sets", default="main", help="comma-separated: main (every corpus, --n-train + --n-val windows), "
                    "paper (4096 + 64 windows from the 4 GB corpora), old (the loader before streaming)")
     p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for --sets old")
@@ -146,24 +162,30 @@ def main() -> None:
             sys.exit("--sets old needs --old-tree")
         plan += [(name, "old", args.n_train, args.n_val, args.old_tree) for name in ("small", "mid")]
     # Repetitions go round the whole plan, so a burst of load on the (shared) machine hits every row alike.
+    seeds = [int(x) for x in args.seeds.split(",")]
     results: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
     for _ in range(args.reps):
-        for i, (name, sampling, n_train, n_val, tree) in enumerate(plan):
-            results[i].append(measure(args, corpora[name], sampling, n_train, n_val, tree))
-    print(f"tokenizer {args.model}, windows of {args.seqlen}, seed {args.seed}, {args.reps} fresh processes per row "
-          "(build: min / max over them; CPU: user + system seconds of all threads, min)")
-    print("| corpus | size | code / sampling | windows | build s | build CPU s | process s | peak RSS GiB | "
-          "RSS before build GiB | same windows |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        for seed in seeds:
+            for i, (name, sampling, n_train, n_val, tree) in enumerate(plan):
+                results[i].append(measure(args, corpora[name], sampling, n_train, n_val, seed, tree))
+    print(f"tokenizer {args.model}, windows of {args.seqlen}, seeds {args.seeds}, {args.reps} fresh processes per "
+          "seed and row. Build: wall seconds, median over the runs; CPU: user + system seconds of all threads, mean; "
+          "read: documents and tokens tokenized, mean over the seeds; same windows: every seed's runs agree")
+    print("| corpus | size | code / sampling | windows | read: docs, M tokens | build s | build CPU s | "
+          "process s | peak RSS GiB | RSS before build GiB | same windows |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (name, sampling, n_train, n_val, _) in enumerate(plan):
         runs = results[i]
         code = "before (whole load)" if sampling == "old" else f"streaming / {sampling}"
-        build = [r["build_s"] for r in runs]
-        same = len({r["sha"] for r in runs}) == 1
-        print(f"| {name} | {corpus_bytes(corpora[name]) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | "
-              f"{min(build):.1f} / {max(build):.1f} | {min(r['build_cpu_s'] for r in runs):.1f} | "
-              f"{min(r['process_s'] for r in runs):.1f} | {max(r['peak_rss'] for r in runs) / 2**30:.3f} | "
-              f"{min(r['rss_before'] for r in runs) / 2**30:.3f} | {'yes' if same else 'NO'} ({runs[0]['sha']}) |",
+        same = all(len({r["sha"] for r in runs if r["seed"] == s}) == 1 for s in seeds)
+        first = [next(r for r in runs if r["seed"] == s) for s in seeds]
+        read = (f"{statistics.mean(r['documents'] for r in first):.0f}, "
+                f"{statistics.mean(r['tokens'] for r in first) / 1e6:.2f}") if "tokens" in runs[0] else "all"
+        print(f"| {name} | {corpus_bytes(corpora[name]) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | {read} | "
+              f"{statistics.median(r['build_s'] for r in runs):.2f} | "
+              f"{statistics.mean(r['build_cpu_s'] for r in runs):.2f} | "
+              f"{statistics.median(r['process_s'] for r in runs):.1f} | {max(r['peak_rss'] for r in runs) / 2**30:.3f} | "
+              f"{statistics.median(r['rss_before'] for r in runs) / 2**30:.3f} | {'yes' if same else 'NO'} |",
               flush=True)
 
 if __name__ == "__main__":
