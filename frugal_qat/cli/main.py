@@ -232,7 +232,8 @@ def _print_summary(summary: dict, out: Path) -> None:
 def cmd_e2e_qp(args) -> int:
     from frugal_qat.block_ap.run import pick_device
     from frugal_qat.checkpoint.state import load_manifest
-    from frugal_qat.e2e_qp.run import alpaca_examples, plan_settings, run_e2e_qp
+    from frugal_qat.data.instructions import alpaca_examples
+    from frugal_qat.e2e_qp.run import plan_settings, run_e2e_qp
     from frugal_qat.offload.weights import read_config
     from frugal_qat.planner import plan
 

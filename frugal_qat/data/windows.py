@@ -1,8 +1,23 @@
-"""Cut a token stream into fixed-length windows: seeded calibration splits and the paper's perplexity protocols.
+"""Fixed-length token windows: calibration and pretraining windows streamed from a text source, and the paper's
+perplexity protocols over a token stream.
 
-Shapes: T = tokens in the stream, L = ``seqlen`` (tokens per window), N = windows.
-The stream is viewed as ``floor(T / L)`` disjoint windows ``stream[k*L : (k+1)*L]`` (the tail is dropped);
-every function here picks whole windows from that grid, so no two returned windows share a token.
+Shapes: T = tokens (of a document or a stream), L = ``seqlen`` (tokens per window), N = windows.
+
+Calibration (:func:`draw_windows`, :func:`sample_text_windows`, :func:`build_calibration`) streams documents in
+the seeded order of :func:`frugal_qat.data.text.iter_documents` and tokenizes them only until the windows asked
+for exist; two samplings (``data.sampling``, ``--sampling``):
+
+- ``"documents"`` (default, the reference's): every window lies inside one document of at least L tokens, at a
+  seeded uniform offset ``o`` in ``[0, T - L]``; one window per document, documents in stream order. Only when
+  the whole source has fewer such documents than windows asked for do documents give more: their further windows
+  lie on the grid ``o + m*L`` (disjoint from the first), taken pass by pass (every document's second window, then
+  every third, ...).
+- ``"joined"``: the documents in stream order are joined into one stream with EOS between them, and the windows
+  are its consecutive slices ``stream[k*L : (k+1)*L]``; they cross document boundaries (what E2E-QP's
+  pretraining packs, and what this project did before the streaming calibration).
+
+The drawn windows form one sequence fixed by (source contents, tokenizer, seed, L, sampling); a request for N
+windows gets its first N, so a larger request only appends windows. No two windows share a token position.
 """
 
 from __future__ import annotations
@@ -10,19 +25,281 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from frugal_qat.data.text import load_documents, source_fingerprint, tokenize_documents, tokenizer_fingerprint
+from frugal_qat.config import SAMPLINGS
+from frugal_qat.data import text
+from frugal_qat.data.text import (
+    iter_documents,
+    load_documents,
+    require_eos,
+    seeded_draw,
+    source_fingerprint,
+    tokenize_batch,
+    tokenize_documents,
+    tokenizer_fingerprint,
+)
 from frugal_qat.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 # Bump when the tokens a source yields change for the same text and tokenizer (e.g. a new separator rule).
 _CACHE_FORMAT = "frugal_qat.tokens.v1"
+# Bump when the windows drawn for the same arguments change (the reading order, the sampling rules).
+_WINDOWS_FORMAT = "frugal_qat.windows.v1"
+# Documents handed to the tokenizer at once: up to this many, or this many characters (a 1 MiB document already
+# makes ~40 MB of Python ints; the batch lets a fast tokenizer work on several documents in parallel).
+_BATCH_DOCS = 64
+_BATCH_CHARS = 1 << 21
+
+
+# ---- drawing windows from a source ------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowDraw:
+    """The result of :func:`draw_windows`: ``windows`` int32 [N, L] and what was read to cut them."""
+
+    windows: torch.Tensor
+    documents: int  # documents tokenized
+    tokens: int  # tokens they hold
+    chars: int  # characters they hold
+
+
+def _batches(docs, max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS):
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class _DocumentWindows:
+    """Windows inside documents, kept pass by pass (pass p: every document's p-th window, in document order) and
+    only those that can still be among the first N of the sequence pass 0, pass 1, ...: a window is not kept when
+    its position is already N or more, and a pass is dropped once the passes before it hold N windows. So a kept
+    pass holds at most N windows and the passes before the last fewer than N together: under 2N in all."""
+
+    def __init__(self, n: int, seqlen: int, seed: int):
+        self.n, self.L, self.seed = n, seqlen, seed
+        self.passes: list[list[np.ndarray]] = []
+        self.eligible = 0  # documents of at least L tokens seen
+
+    def first_pass(self) -> int:
+        """Windows of the first pass (one per document of at least L tokens) held so far."""
+        return len(self.passes[0]) if self.passes else 0
+
+    def slots(self, doc: int, length: int) -> list[int]:
+        """Start offsets of document ``doc``'s windows, in the order its passes take them."""
+        L = self.L
+        first = seeded_draw(self.seed, "offset", doc, length - L + 1)  # uniform in [0, T - L]
+        rest = [first + m * L for m in range(-(first // L), (length - L - first) // L + 1) if m]
+        for i in range(len(rest) - 1):  # seeded Fisher-Yates: which further window each later pass takes
+            j = i + seeded_draw(self.seed, f"slots:{doc}", i, len(rest) - i)
+            rest[i], rest[j] = rest[j], rest[i]
+        return [first, *rest]
+
+    def add(self, doc: int, ids: list[int]) -> None:
+        """Take document ``doc``'s windows for every pass that can still use one."""
+        if len(ids) < self.L:
+            return
+        self.eligible += 1
+        tokens = np.asarray(ids, dtype=np.int32)
+        held = 0  # windows in the passes before p
+        for p, start in enumerate(self.slots(doc, len(ids))):
+            if p == len(self.passes):
+                self.passes.append([])
+            # The window would sit at position held + len(pass p) of the sequence; later documents only move it
+            # back, so one at position n or beyond is never used.
+            if held + len(self.passes[p]) >= self.n:
+                break
+            self.passes[p].append(tokens[start : start + self.L].copy())
+            held += len(self.passes[p])
+        held = 0
+        for p, windows in enumerate(self.passes):  # drop the passes no request for N windows can reach
+            if held >= self.n:
+                del self.passes[p:]
+                break
+            held += len(windows)
+
+    def windows(self) -> list[np.ndarray]:
+        return [w for windows in self.passes for w in windows][: self.n]
+
+    def count(self) -> int:
+        return sum(map(len, self.passes))
+
+
+def draw_windows(
+    tokenizer,
+    source: str,
+    n: int,
+    seqlen: int,
+    seed: int,
+    sampling: str = "documents",
+    show_progress: bool = True,
+) -> WindowDraw:
+    """Stream ``source`` and cut ``n`` windows of ``seqlen`` tokens by ``sampling`` (see the module docstring).
+
+    Documents come from :func:`frugal_qat.data.text.iter_documents` (seeded order) and are tokenized without
+    special tokens, a batch at a time, until the windows exist. Memory: the reader's buffer, one batch of
+    documents and their ids, and the windows (int32; documents sampling keeps at most 2N while it reads, see
+    :class:`_DocumentWindows`), independent of the source's size. Raises :class:`DataError` when the whole source
+    holds fewer windows than ``n``, naming the counts and the fix.
+    """
+    if n < 0:
+        raise ValueError(f"number of windows must be >= 0, got {n}")
+    if seqlen < 1:
+        raise ValueError(f"seqlen must be >= 1, got {seqlen}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; use one of {', '.join(SAMPLINGS)}")
+    L = seqlen
+    eos = require_eos(tokenizer) if sampling == "joined" else None
+    docs_read = tokens_read = chars_read = 0
+    by_doc = _DocumentWindows(n, L, seed)
+    joined: list[np.ndarray] = []
+    carry: list[int] = []  # joined: the stream's tokens after the last whole window
+    bar = tqdm(total=n, desc=f"calibration windows ({sampling})", unit="window", disable=not show_progress or None)
+
+    def done() -> bool:
+        return (len(joined) if sampling == "joined" else by_doc.first_pass()) >= n
+
+    docs = iter_documents(source, seed)
+    try:
+        for batch in _batches(docs) if n > 0 else ():
+            for ids, doc in zip(tokenize_batch(tokenizer, batch), batch):
+                if sampling == "joined":
+                    if docs_read:
+                        carry.append(eos)
+                    carry.extend(ids)
+                    whole = min(len(carry) // L, n - len(joined))
+                    if whole:
+                        block = np.asarray(carry[: whole * L], dtype=np.int32).reshape(whole, L)
+                        joined.extend(block)
+                        del carry[: whole * L]
+                        bar.update(whole)
+                else:
+                    before = by_doc.first_pass()
+                    by_doc.add(docs_read, ids)
+                    bar.update(by_doc.first_pass() - before)
+                docs_read += 1
+                tokens_read += len(ids)
+                chars_read += len(doc)
+                if done():
+                    break
+            if done():
+                break
+    finally:
+        docs.close()  # closes the file being read when we stop early
+    bar.close()
+
+    if sampling == "joined":
+        got = joined
+        if len(got) < n:
+            raise DataError(
+                f"calibration text has {tokens_read + max(docs_read - 1, 0):,} tokens; {n} windows x {L} need "
+                f"{n * L:,}; give more text (--calib) or lower --train-size/--seqlen"
+            )
+    else:
+        got = by_doc.windows()
+        if len(got) < n:
+            raise DataError(
+                f"calibration text has {tokens_read:,} tokens in {docs_read:,} documents, of which "
+                f"{by_doc.eligible:,} hold at least {L} tokens and fit {by_doc.count():,} disjoint windows; "
+                f"{n} windows x {L} need more: give more text (--calib), lower --train-size/--seqlen, "
+                "or pass --sampling joined (windows may then cross documents)"
+            )
+    windows = torch.from_numpy(np.stack(got)) if got else torch.zeros(0, L, dtype=torch.int32)
+    logger.info("%d windows x %d (%s sampling, seed %d) from %s: read %d documents, %d characters, %d tokens",
+                n, L, sampling, seed, source, docs_read, chars_read, tokens_read)
+    return WindowDraw(windows, docs_read, tokens_read, chars_read)
+
+
+def _windows_cache_key(tokenizer, source: str, n: int, seqlen: int, seed: int, sampling: str) -> str:
+    reader = (text.STRETCH_BYTES, text.PIECE_BYTES, text.SHUFFLE_BUFFER_CHARS, text.SHUFFLE_BUFFER_DOCS,
+              text.HUB_OPEN_SHARDS)
+    key_text = "\n".join([_WINDOWS_FORMAT, tokenizer_fingerprint(tokenizer), source_fingerprint(source),
+                          f"n={n} seqlen={seqlen} seed={seed} sampling={sampling} reader={reader}"])
+    return hashlib.sha256(key_text.encode()).hexdigest()
+
+
+def sample_text_windows(
+    tokenizer,
+    source: str,
+    n: int,
+    seqlen: int,
+    seed: int,
+    sampling: str = "documents",
+    cache_dir: Path | None = None,
+) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens streamed from ``source`` (:func:`draw_windows`): ``int64 [n, L]``.
+
+    With ``cache_dir`` the windows are kept in ``cache_dir/windows-<key>.safetensors`` (int32), ``key`` = sha256
+    of every argument that decides them (the source fingerprint: file names, sizes, mtimes or the dataset name;
+    the tokenizer fingerprint; n, L, seed, sampling; the reader's constants), written to a temporary file then
+    renamed, so a crash never leaves a partial file under the final name.
+    """
+    if cache_dir is None:
+        return draw_windows(tokenizer, source, n, seqlen, seed, sampling).windows.to(torch.int64)
+    key = _windows_cache_key(tokenizer, source, n, seqlen, seed, sampling)
+    path = Path(cache_dir) / f"windows-{key[:32]}.safetensors"
+    if path.exists():
+        try:
+            windows = load_file(path)["windows"]
+            if tuple(windows.shape) == (n, seqlen):
+                logger.info("calibration windows from the cache: %s", path)
+                return windows.to(torch.int64)
+            logger.warning("windows cache %s has shape %s, not %s; drawing again", path, tuple(windows.shape),
+                           (n, seqlen))
+        except (SafetensorError, OSError, KeyError) as exc:
+            logger.warning("windows cache %s is unreadable (%s); drawing again", path, exc)
+    draw = draw_windows(tokenizer, source, n, seqlen, seed, sampling)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"source": source, "key": key, "sampling": sampling, "seed": str(seed), "documents": str(draw.documents)}
+    try:
+        save_file({"windows": draw.windows.contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
+    return draw.windows.to(torch.int64)
+
+
+def build_calibration(
+    tokenizer,
+    source: str,
+    n_train: int,
+    n_val: int,
+    seqlen: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    sampling: str = "documents",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration windows for Block-AP: ``(train int64 [n_train, L], val int64 [n_val, L])``.
+
+    One draw of ``n_val + n_train`` windows (:func:`sample_text_windows`): the first ``n_val`` validate, the rest
+    train. So the two sets never share a token; the validation set does not change with ``n_train``, and a larger
+    ``n_train`` keeps the smaller one's training windows as its first ones (changing ``n_val`` changes both).
+    """
+    if n_train < 1 or n_val < 0:
+        raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
+    windows = sample_text_windows(tokenizer, source, n_val + n_train, seqlen, seed, sampling, cache_dir)
+    logger.info("calibration: %d train + %d val windows x %d tokens from %s (%s sampling, seed %d)",
+                n_train, n_val, seqlen, source, sampling, seed)
+    return windows[n_val:], windows[:n_val]
+
+
+# ---- windows of an in-memory token stream (perplexity) ----------------------------------------------------------
 
 
 def _grid(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -104,7 +381,9 @@ def fingerprint_windows(t: torch.Tensor) -> str:
 
 
 def load_token_stream(tokenizer, source: str, cache_dir: Path | None = None) -> torch.Tensor:
-    """Load and tokenize ``source`` (see :mod:`frugal_qat.data.text`), through a cache when ``cache_dir`` is set.
+    """Load every document of ``source`` (:func:`frugal_qat.data.text.load_documents`) and tokenize it into one
+    EOS-joined stream, through a cache when ``cache_dir`` is set. For evaluation text, which is small; calibration
+    streams instead (:func:`sample_text_windows`).
 
     The cache file is ``cache_dir/tokens-<key>.safetensors``, ``key`` = sha256 of the source fingerprint
     (file names, sizes, mtimes, or the dataset name) and the tokenizer fingerprint, so an edited file or
@@ -135,33 +414,14 @@ def load_token_stream(tokenizer, source: str, cache_dir: Path | None = None) -> 
     return tokens
 
 
-def build_calibration(
-    tokenizer,
-    source: str,
-    n_train: int,
-    n_val: int,
-    seqlen: int,
-    seed: int,
-    cache_dir: Path | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration windows for Block-AP / E2E-QP: ``(train int64 [n_train, L], val int64 [n_val, L])``.
-
-    One seeded draw of ``n_train + n_val`` disjoint windows (:func:`sample_windows`): the first ``n_train``
-    train, the rest validate, so the two sets never share a token.
-    """
-    if n_train < 1 or n_val < 0:
-        raise ValueError(f"need n_train >= 1 and n_val >= 0, got n_train={n_train}, n_val={n_val}")
-    tokens = load_token_stream(tokenizer, source, cache_dir)
-    windows = sample_windows(tokens, n_train + n_val, seqlen, seed)
-    logger.info(
-        "calibration: %d train + %d val windows x %d tokens from %s (%d tokens)",
-        n_train,
-        n_val,
-        seqlen,
-        source,
-        tokens.numel(),
-    )
-    return windows[:n_train], windows[n_train:]
-
-
-__all__ = ["build_calibration", "eval_windows", "fingerprint_windows", "load_token_stream", "sample_windows"]
+__all__ = [
+    "SAMPLINGS",
+    "WindowDraw",
+    "build_calibration",
+    "draw_windows",
+    "eval_windows",
+    "fingerprint_windows",
+    "load_token_stream",
+    "sample_text_windows",
+    "sample_windows",
+]

@@ -182,38 +182,6 @@ def keep_scales_in_range(model: nn.Module, params: list[torch.Tensor]) -> None:
             p.clamp_(min=SCALE_MIN)
 
 
-# ---- data ---------------------------------------------------------------------------------------------------------
-
-
-def alpaca_examples(tokenizer, path: str, source_len: int, target_len: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alpaca-style JSON/JSONL (instruction, optional input, output) -> (input_ids, labels) [n, src+tgt];
-    labels are -100 on the prompt and the padding, so the loss is on the response only (paper's recipe)."""
-    import json
-
-    text = Path(path).read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    if len(rows) < n:
-        raise ConfigError(f"{path} has {len(rows)} examples; --train-size {n} needs that many; lower --train-size")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    L = source_len + target_len
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((n, L), pad, dtype=torch.long)
-    labels = torch.full((n, L), -100, dtype=torch.long)
-    for r, j in enumerate(order):
-        row = rows[j]
-        if "instruction" not in row or "output" not in row:
-            raise ConfigError(f"{path}: example {j} lacks 'instruction' or 'output'")
-        prompt = f"### Instruction:\n{row['instruction']}\n\n"
-        if row.get("input"):
-            prompt += f"### Input:\n{row['input']}\n\n"
-        prompt += "### Response:\n"
-        src = tokenizer(prompt, add_special_tokens=False)["input_ids"][-source_len:]
-        tgt = (tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:target_len]
-        ids[r, : len(src) + len(tgt)] = torch.tensor(src + tgt)
-        labels[r, len(src) : len(src) + len(tgt)] = torch.tensor(tgt)
-    return ids, labels
-
-
 # ---- loss ---------------------------------------------------------------------------------------------------------
 
 
