@@ -1,6 +1,12 @@
-"""Block-AP quality on the demo model: held-out perplexity of fp16, RTN and Block-AP settings, as a table.
+"""Block-AP quality on a real model: held-out perplexity of fp16, RTN and Block-AP settings, as a table.
 
-    FRUGAL_QAT_CACHE=/tmp/fqcache .venv/bin/python tools/bench_quality.py [--root /tmp/fq_bench] [--only NAME]...
+    FRUGAL_QAT_CACHE=/tmp/fqcache .venv/bin/python tools/bench_quality.py [--model smollm2-135m | gemma3-270m]
+        [--checkpoint DIR] [--root DIR] [--only NAME]...
+
+``--model`` picks the model and its rows (docs/QUALITY.md has a table for each): SmolLM2-135M (Llama, the
+checkpoint made by tools/make_smollm2_checkpoint.py, default root /tmp/fq_bench) or Gemma 3 270M (made by
+tools/make_gemma3_checkpoint.py, default root /tmp/fq_bench_gemma3; its Block-AP and E2E-QP rows run the shipped
+recipes ``recipes/gemma3_270m_w{4,3,2}g64.yaml`` unchanged, so each recipe reproduces its rows).
 
 Every row goes through the real CLI in a subprocess (``frugal-qat block-ap`` then ``frugal-qat ppl``), so the
 numbers are those a user gets. A row's settings are a base recipe plus overrides; the merged recipe is written to
@@ -31,11 +37,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "frugal_qat"]
-# mmap streams: the I/O backend does not change the numbers, and the default (auto -> DeepSpeed async_io) can
-# spend minutes JIT-building its op on a fresh machine, which would land in the first row's wall time.
-BLOCK_AP_ARGS = ["--device", "cpu", "--io", "mmap"]
+# Buffered streams: the I/O backend does not change the numbers, and the default (auto -> DeepSpeed async_io) can
+# spend minutes JIT-building its op on a fresh machine, which would land in the first row's wall time. (The
+# SmolLM2 rows of docs/QUALITY.md ran with the mmap backend, since removed.)
+BLOCK_AP_ARGS = ["--device", "cpu", "--io", "buffered"]
 PPL_ARGS = ["--data", "demo-heldout", "--seqlen", "512", "--max-windows", "40", "--device", "cpu"]
 DEMO = REPO / "recipes" / "demo.yaml"
+
+
+def gemma3_recipe(bits: int) -> Path:
+    return REPO / "recipes" / f"gemma3_270m_w{bits}g64.yaml"
 
 
 @dataclass
@@ -53,8 +64,11 @@ class Row:
     after: str | None = None
 
 
-def rtn(bits: int) -> Row:
-    return Row(f"rtn_w{bits}g64", DEMO, {"quant.wbits": bits, "block_ap.epochs": 0}, "round-to-nearest (min-max)")
+def rtn(bits: int, recipe: Path = DEMO) -> Row:
+    """Round-to-nearest: the recipe with 0 epochs (min-max init, no training; 32 windows, which only feed the
+    validation MSE: the weights do not depend on the calibration data)."""
+    return Row(f"rtn_w{bits}g64", recipe, {"quant.wbits": bits, "block_ap.epochs": 0, "data.train_size": 32},
+               "round-to-nearest (min-max)")
 
 
 def demo(bits: int, **extra) -> dict:
@@ -69,8 +83,8 @@ def e2e(bits: int, lr: float, after: str) -> Row:
     return Row(f"e2e_w{bits}", DEMO, settings, f"E2E-QP after {after}", after=after)
 
 
-# The measured configurations, in the order they were run (docs/QUALITY.md discusses each).
-ROWS: list[Row] = [
+# SmolLM2-135M: the measured configurations, in the order they were run (docs/QUALITY.md discusses each).
+SMOLLM2_ROWS: list[Row] = [
     Row("fp16", None, note="the unquantized checkpoint"),
     rtn(3),
     rtn(4),
@@ -96,6 +110,33 @@ ROWS: list[Row] = [
     # ...and the paper's learning rates at the same budget, for comparison.
     Row("bap_w3_paper", DEMO, demo(3), "demo recipe: paper lrs"),
 ]
+
+# Gemma 3 270M: the SmolLM2 recipes' budgets, each Block-AP / E2E-QP row one shipped recipe as it is.
+GEMMA3_ROWS: list[Row] = [
+    Row("fp16", None, note="the unquantized checkpoint (the GGUF's Q4_K_M/Q5_0 weights in fp16)"),
+    *(rtn(bits, gemma3_recipe(bits)) for bits in (4, 3, 2)),
+    *(Row(f"bap_w{bits}", gemma3_recipe(bits), note=f"recipes/{gemma3_recipe(bits).name}") for bits in (3, 2, 4)),
+    *(Row(f"e2e_w{bits}", gemma3_recipe(bits), note=f"E2E-QP after bap_w{bits}", after=f"bap_w{bits}")
+      for bits in (3, 2)),
+]
+
+
+@dataclass
+class Model:
+    """A benchmarked model: its rows, where its checkpoint and results go by default, how its checkpoint is made."""
+
+    rows: list[Row]
+    checkpoint: Path
+    root: Path
+    make: list[str]  # the command (argv after the python executable) that writes the checkpoint; {out} = its path
+
+
+MODELS = {
+    "smollm2-135m": Model(SMOLLM2_ROWS, Path("/tmp/demo/smollm2"), Path("/tmp/fq_bench"),
+                          ["tools/make_smollm2_checkpoint.py", "--out", "{out}"]),
+    "gemma3-270m": Model(GEMMA3_ROWS, Path("/tmp/gemma3-270m"), Path("/tmp/fq_bench_gemma3"),
+                         ["tools/make_gemma3_checkpoint.py", "--out", "{out}"]),
+}
 
 
 def merged_recipe(row: Row) -> dict:
@@ -210,36 +251,38 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=Path("/tmp/fq_bench"), help="where runs and results go")
-    ap.add_argument("--model", type=Path, default=Path("/tmp/demo/smollm2"),
-                    help="SmolLM2-135M fp16 checkpoint (made with tools/make_smollm2_checkpoint.py if missing)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m", help="which model's rows to run")
+    ap.add_argument("--checkpoint", type=Path, help="its fp16 checkpoint (default /tmp/demo/smollm2 or "
+                    "/tmp/gemma3-270m; made with tools/make_{smollm2,gemma3}_checkpoint.py if missing)")
+    ap.add_argument("--root", type=Path, help="where runs and results go (default /tmp/fq_bench or "
+                    "/tmp/fq_bench_gemma3)")
     ap.add_argument("--only", action="append", metavar="NAME", help="run only this row, again (repeat the flag for several rows)")
     ap.add_argument("--table", action="store_true", help="print the table of stored results and exit")
     ap.add_argument("--list", action="store_true", help="list the rows and their settings")
     args = ap.parse_args(argv)
-    names = [r.name for r in ROWS]
+    model = MODELS[args.model]
+    rows, checkpoint, root = model.rows, args.checkpoint or model.checkpoint, args.root or model.root
+    names = [r.name for r in rows]
     unknown = sorted(set(args.only or []) - set(names))
     if unknown:
         ap.error(f"unknown row(s) {unknown}; choose from {names}")
     if args.list:
-        for r in ROWS:
+        for r in rows:
             print(f"{r.name:<16} {r.recipe.name if r.recipe else '-':<28} {r.set}  {r.note}")
         return 0
     if not args.table:
-        if not (args.model / "config.json").exists():
-            from frugal_qat.data.demo import make_smollm2_checkpoint
-
-            make_smollm2_checkpoint(args.model)
-        os.environ.setdefault("FRUGAL_QAT_CACHE", str(args.root / "cache"))
-        for row in ROWS:
-            done = (args.root / row.name / "result.json").exists()
+        if not (checkpoint / "config.json").exists():
+            subprocess.run([sys.executable, *(a.format(out=checkpoint) for a in model.make)], cwd=REPO, check=True)
+        os.environ.setdefault("FRUGAL_QAT_CACHE", str(root / "cache"))
+        for row in rows:
+            done = (root / row.name / "result.json").exists()
             if (args.only and row.name not in args.only) or (done and not args.only):
                 continue
             print(f"== {row.name}: {row.note}", flush=True)
-            res = run_row(row, args.root, args.model)
+            res = run_row(row, root, checkpoint)
             print(f"   ppl {res['ppl']:.2f}" + (f", Block-AP {res['block_ap_s']:.0f} s" if "block_ap_s" in res else ""),
                   flush=True)
-    results = [json.loads(p.read_text()) for n in names if (p := args.root / n / "result.json").exists()]
+    results = [json.loads(p.read_text()) for n in names if (p := root / n / "result.json").exists()]
     print(table(results))
     return 0
 
