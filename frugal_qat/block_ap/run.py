@@ -79,7 +79,7 @@ from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner.check import machine_limits, require_fit, settings_from_config
 from frugal_qat.planner.profile import Mark, no_mark, peak_rss
-from frugal_qat.precision import Precision, dtype_name
+from frugal_qat.precision import Precision, dtype_name, frozen
 from frugal_qat.precision import resolve as resolve_precision
 from frugal_qat.quantizer import kquant, resolve_group_size
 
@@ -395,7 +395,7 @@ def run_block_ap(
         def run(mod, xs: torch.Tensor, what: str) -> torch.Tensor:
             """A stream chunk through block i (no grad; the policy's teacher dtype for the fp stream, its no-grad
             dtype for the quant stream), checked before it is stored."""
-            with torch.no_grad(), (precision.teacher(device) if what == "fp" else precision.nograd(device)):
+            with torch.no_grad(), frozen(mod), (precision.teacher(device) if what == "fp" else precision.nograd(device)):
                 ys = torch.cat([runner(mod, i, to_device(xb)).to("cpu", stream_dtype)
                                 for xb in xs.split(b.micro_batch)])
             check_finite(ys, i, what, precision)
@@ -438,7 +438,7 @@ def run_block_ap(
                 on_rank0(lambda: atomic_save_tensors(imp_file, importance))
         linears = wrap_linears(block, q.wbits, q.group_size, name=f"layers.{i}", gguf=q.gguf, importance=importance)
         block.to(device)
-        optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr)
+        optimizer = make_optimizer(block, linears, weight_lr, b.quant_lr, fused=device.type == "cuda")
         result = TrainResult()
         start_step = 0
         if ckpt.is_file():
@@ -450,7 +450,7 @@ def run_block_ap(
             if d.val_size == 0:
                 return float("nan")
             total, n = 0.0, 0
-            with torch.no_grad(), precision.nograd(device):
+            with torch.no_grad(), frozen(block), precision.nograd(device):
                 for micro in batches(0, lo=d.train_size, hi=n_all):
                     for x, y in micro:
                         out_ = runner(block, i, x)

@@ -23,7 +23,7 @@ from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import prefetch
 from frugal_qat.planner import PlanSettings
 from frugal_qat.planner.check import machine_limits, require_fit
-from frugal_qat.precision import Precision
+from frugal_qat.precision import Precision, frozen
 from frugal_qat.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def run_blocks(src: ModelSource, stream: ActivationStream, device: torch.device,
             outs = []
             for xb in x.split(batch_size):
                 xb = xb.to(device, torch.float32)
-                with precision.nograd(device):
+                with frozen(block), precision.nograd(device):
                     outs.append(runner(block, i, xb).to("cpu", x.dtype))
             return torch.cat(outs)
 

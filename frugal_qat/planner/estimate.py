@@ -676,18 +676,18 @@ def _check_groups(shape: ModelShape, group_size: int) -> None:
 
 
 def _cast_cache(compute_bytes: int, linear_params: int, largest: int) -> int:
-    """Bytes of the 16-bit weight copies a no-grad forward of a freshly built block holds under autocast:
-    autocast caches its cast of every leaf tensor that requires grad until the autocast region ends, and the
-    block's weights do (nn.Parameter's default), so every linear's copy lives through the region (``c*Pl``);
-    without autocast (fp32) there is none."""
-    return compute_bytes * linear_params if compute_bytes < 4 else 0
+    """Bytes of the 16-bit weight copies a no-grad forward of a block holds under autocast. Autocast caches its cast
+    of every leaf tensor that requires grad until the region ends (``c*Pl`` for a fresh block); the runs wrap these
+    forwards in ``precision.frozen`` so no weight requires grad, and each cast lives only while its matmul runs
+    (``c*Wmax``, the largest). Without autocast (fp32) there is none. ``linear_params`` is kept for the note."""
+    return compute_bytes * largest if compute_bytes < 4 else 0
 
 
 def _cast_cache_note(compute_bytes: int) -> str:
     if compute_bytes >= 4:
         return "0: no autocast (fp32)"
-    return (f"{compute_bytes}*Pl: autocast keeps its cast of every weight that requires grad until the region "
-            "ends")
+    return (f"{compute_bytes}*Wmax: one weight's cast at a time (precision.frozen: no weight requires grad, so "
+            "autocast caches none)")
 
 
 def math_attention_bytes(shape: ModelShape, batch: int, seqlen: int, backward: bool) -> int:
@@ -776,7 +776,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("stream update forward transients", T * forward_bytes_per_token(shape, max(cn, prec.teacher_bytes), 4),
               f"T*({max(cn, prec.teacher_bytes)}*3*I + 4*2*H): the layer's forward activations (no grad; the fp "
               "update in the teacher's dtype)", update),
-        _term("autocast's copies of the weights (fp update)", _cast_cache(cn, Pl, Wmax),
+        _term("autocast's cast of one weight (fp update)", _cast_cache(cn, Pl, Wmax),
               _cast_cache_note(cn), update),
         _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
               wrap),
@@ -796,8 +796,8 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
             _term("fp32 grad of the linear before it", (4 - ct) * Wmax,
                   f"(4 - {ct})*Wmax: took the place of its {ct}-byte W_hat", fwdbwd),
             _term("weight grads", 4 * P, "4*P fp32, until the next step's zero_grad", opt, val, *math_val),
-            _term("AdamW temporaries", 4 * P if cuda else 8 * Wmax,
-                  "4*P: foreach sqrt of exp_avg_sq over the weights group (torch's default for CUDA tensors)" if cuda
+            _term("AdamW temporaries", 0 if cuda else 8 * Wmax,
+                  "0: fused AdamW updates each tensor in place (make_optimizer(fused=True) on CUDA)" if cuda
                   else "8*Wmax: the single-tensor AdamW's sqrt and its quotient, one parameter at a time", opt),
             _term("fake-quant forward (validation), largest linear", 12 * Wmax
                   + T * forward_bytes_per_token(shape, cn, 4),
@@ -805,8 +805,8 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         ]
     dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
     if s.deterministic:
-        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, Pl - mlp, Wmax),
-                         "before the MLP: only q, k, v, o are cast yet", "stream attention"))
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Pl - mlp, Wmax),
+                         _cast_cache_note(cn), "stream attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
                          "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
                          "stream attention", *math_val))
@@ -981,15 +981,15 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks", *attention),
         _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, cn, 4),
               f"T*({cn}*3*I + 4*2*H): activations", "blocks"),
-        _term("autocast's copies of the weights", _cast_cache(cn, shape.block_linear_params, Wmax),
+        _term("autocast's cast of one weight", _cast_cache(cn, shape.block_linear_params, Wmax),
               _cast_cache_note(cn), "blocks"),
         _term("lm_head (fp32) + one window", V * H * 4 + 2 * L * H * 4, "V*H*4 + 2*L*H*4", "head"),
         _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
     if s.deterministic:
         attn = sum(lin.numel for lin in shape.linears if not lin.name.startswith("mlp."))
-        dev.append(_term("autocast's copies of the attention weights", _cast_cache(cn, attn, Wmax),
-                         "before the MLP: only q, k, v, o are cast yet", "attention"))
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, attn, Wmax),
+                         _cast_cache_note(cn), "attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
                                                                                           False),
                          "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",

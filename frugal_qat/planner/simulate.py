@@ -72,6 +72,7 @@ from frugal_qat.planner.estimate import (
     cuda_only_terms,
     model_shape,
 )
+from frugal_qat.precision import frozen
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +307,6 @@ def _precision(settings: PlanSettings, src: ShapeSource):
 # ---- the phases -------------------------------------------------------------------------------------------------
 
 
-def _foreach(optimizer: torch.optim.Optimizer, on: bool) -> None:
-    if on:  # torch's default for CUDA parameters (torch.optim.optimizer._default_to_fused_or_foreach)
-        for g in optimizer.param_groups:
-            g["foreach"] = True
-
-
 def simulate_block_ap(config: dict[str, Any], s: PlanSettings, env: _Env) -> None:
     """One Block-AP block, stage by stage, as ``run_block_ap`` runs it (module docstring)."""
     from frugal_qat.arch import BlockRunner, build_block
@@ -327,14 +322,14 @@ def simulate_block_ap(config: dict[str, Any], s: PlanSettings, env: _Env) -> Non
     def pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:  # one step's micro-batches, as to_device() makes them
         return [(env.empty(mb, L, H), env.empty(mb, L, H)) for _ in range(ga)]
 
-    def update(block: torch.nn.Module) -> None:  # run(): one micro-batch of a stream chunk, no grad
-        with torch.no_grad(), prec.nograd(dev):
+    def update(block: torch.nn.Module, teacher: bool = False) -> None:  # run(): a micro-batch of a chunk, no grad
+        with torch.no_grad(), frozen(block), (prec.teacher(dev) if teacher else prec.nograd(dev)):
             out = runner(block, 0, env.empty(mb, L, H))
         del out
 
     def validate(block: torch.nn.Module) -> None:
         ahead = [pairs() for _ in range(BATCHES_AHEAD)]  # read ahead while this step's micro-batches run
-        with torch.no_grad(), prec.nograd(dev):
+        with torch.no_grad(), frozen(block), prec.nograd(dev):
             for x, y in pairs():
                 out = runner(block, 0, x)
                 torch.nn.functional.mse_loss(out.float(), y, reduction="sum")
@@ -345,11 +340,10 @@ def simulate_block_ap(config: dict[str, Any], s: PlanSettings, env: _Env) -> Non
         env.stage("load")
         block = build_block(src.hf, src.arch, 0, {k: env.empty(*v) for k, v in shapes.items()})
         env.stage("fp update")
-        update(block)
+        update(block, teacher=True)
         env.stage("wrap")
         linears = wrap_linears(block, s.wbits, s.group_size, name="layers.0")
-        optimizer = make_optimizer(block, linears, 1e-5, 1e-4)
-        _foreach(optimizer, env.cuda)
+        optimizer = make_optimizer(block, linears, 1e-5, 1e-4, fused=env.cuda)
         if s.epochs > 0:
             env.stage("validate")
             validate(block)
@@ -443,7 +437,7 @@ def simulate_ppl_eval(config: dict[str, Any], s: PlanSettings, env: _Env) -> Non
     with env.tensors(), torch.no_grad():
         env.stage("blocks")
         block = build_block(src.hf, src.arch, 0, {k: env.empty(*v) for k, v in shapes.items()})
-        with prec.nograd(dev):
+        with frozen(block), prec.nograd(dev):
             out = runner(block, 0, env.empty(s.eval_batch_size, L, H))
         del out, block
         env.stage("head")
