@@ -1,6 +1,9 @@
 """The precision policy decides every dtype; forced on this CPU, the CUDA policy really feeds 16-bit inputs to the
 linears and packed matmuls of a Block-AP step, a stream update and an E2E-QP step."""
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,3 +119,38 @@ def test_e2e_step_feeds_the_packed_matmuls_the_policy_dtype(packed_run, policy, 
     assert tokens.item() == 2 * 15
     assert set(seen) == {expected}, "every packed matmul (forward and recompute) got the policy's input dtype"
     assert any(not torch.equal(before[n], p) for n, p in scales.items()), "the scales trained"
+
+
+class LiveCasts(TorchDispatchMode):
+    """Weak references to every 16-bit copy made of a tensor with one of ``shapes`` (autocast's weight casts)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.refs = set(shapes), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "_to_copy" and out.dtype == torch.bfloat16 and tuple(out.shape) in self.shapes:
+            self.refs.append(weakref.ref(out))
+        return out
+
+    def alive(self) -> int:
+        return sum(r() is not None for r in self.refs)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_no_grad_forward_under_frozen_keeps_no_weight_copies(freeze):
+    """Autocast caches its cast of every leaf that requires grad until the region ends: a freshly built block's
+    whole weight set in 16 bits (1.6 GiB at 70B). ``precision.frozen`` (used by every no-grad forward of the runs)
+    leaves each cast to die with its matmul, as the planner's ``_cast_cache`` term assumes."""
+    from frugal_qat.precision import frozen
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    casts = LiveCasts({(32, 16), (8, 32)})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with casts, (frozen(model) if freeze else contextlib.nullcontext()):
+            out = model(torch.randn(4, 16))
+        assert out.dtype == torch.bfloat16 and len(casts.refs) == 2
+        assert casts.alive() == (0 if freeze else 2)
+    assert all(p.requires_grad for p in model.parameters()), "frozen restores the flags"
