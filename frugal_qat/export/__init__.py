@@ -337,10 +337,8 @@ def completed_file(path: Path, request: dict[str, Any]) -> dict[str, Any] | None
     if report is None:
         raise ConfigError(f"{path} already exists and is not a frugal-qat export (no {report_path.name} next to "
                           f"it); choose a new path or delete it")
-    old = report.get("request") or {}
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in request.items() if old.get(k) != v]
-    raise ConfigError(f"{path} holds another export ({'; '.join(diffs)}); choose a new path or delete it and "
-                      f"{report_path.name}")
+    raise ConfigError(f"{path} holds another export ({request_changes(report, request)}); choose a new path or "
+                      f"delete it and {report_path.name}")
 
 
 def completed_report(folder: Path, request: dict[str, Any], strict: bool = True) -> dict[str, Any] | None:
@@ -360,10 +358,14 @@ def completed_report(folder: Path, request: dict[str, Any], strict: bool = True)
     if report is None:
         raise ConfigError(f"export directory {folder} already exists and is not empty; choose a new folder or "
                           f"delete it")
+    raise ConfigError(f"export directory {folder} holds another export ({request_changes(report, request)}); "
+                      f"choose a new folder or delete it")
+
+
+def request_changes(report: dict[str, Any], request: dict[str, Any]) -> str:
+    """What differs between the export ``report`` was made for and ``request``: "dtype: 'float16' -> 'bfloat16'"."""
     old = report.get("request") or {}
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in request.items() if old.get(k) != v]
-    raise ConfigError(f"export directory {folder} holds another export ({'; '.join(diffs)}); choose a new folder "
-                      f"or delete it")
+    return "; ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in request.items() if old.get(k) != v)
 
 
 def shard_name(k: int, n: int) -> str:

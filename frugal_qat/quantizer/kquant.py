@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frugal_qat.quantizer.linear import finish_freeze
 from frugal_qat.quantizer.primitives import round_ste
 
 # ggml's type ids (GGMLQuantizationType) and llama.cpp's file types (LlamaFileType, general.file_type).
@@ -937,12 +938,7 @@ class GGUFQuantLinear(nn.Module):
         codes = quantize(self.weight, a, b, self.spec)
         self.weight.copy_(dequantize_codes(codes, a, b, self.spec))
         self._load_grid(grid)
-        if self.bias is not None:
-            self.bias.copy_(self.bias.half().float())
-        for p in self.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        self.frozen = True
+        finish_freeze(self)
         return self
 
     @torch.no_grad()

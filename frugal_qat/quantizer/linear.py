@@ -15,6 +15,17 @@ from frugal_qat.quantizer.primitives import (
 )
 
 
+def finish_freeze(layer: nn.Module) -> None:
+    """The end of every ``freeze_()``: the bias rounded to the float16 the run stores, nothing left trainable, no
+    stale gradient, the layer marked frozen (``pack()`` requires it)."""
+    if layer.bias is not None:
+        layer.bias.copy_(layer.bias.half().float())
+    for p in layer.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    layer.frozen = True
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight goes through ``fake_quant`` in every forward.
 
@@ -132,12 +143,7 @@ class QuantLinear(nn.Module):
         self.weight.copy_(dequantize(codes, scale16, zero_int, self.group_size))
         self.scale.copy_(scale16)
         self.zero.copy_(zero_int)
-        if self.bias is not None:
-            self.bias.copy_(self.bias.half().float())
-        for p in self.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        self.frozen = True
+        finish_freeze(self)
         return self
 
     @torch.no_grad()
