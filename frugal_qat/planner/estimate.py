@@ -60,7 +60,7 @@ BNB_BLOCK = 256
 # listed where each is used): fake-quant of one weight, AdamW of one fp32 parameter, one packed weight.
 FAKE_QUANT_FORWARD_BYTES = 54  # 6 fp32 passes (W/s, round, +z, clamp, -z, *s: read 4 + write 4) + the bf16 cast
 FAKE_QUANT_BACKWARD_BYTES = 113  # primitives._FakeQuant.backward: 16 passes, listed in fake_quant_bytes()
-ADAMW_BYTES = 72  # torch foreach AdamW, fp32: lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8, addcdiv 16
+ADAMW_BYTES = 28  # fused AdamW (CUDA), fp32: reads param, grad, exp_avg, exp_avg_sq; writes param and the two moments
 
 _UNITS = {
     "": 1, "b": 1,
