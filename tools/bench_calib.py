@@ -196,7 +196,8 @@ def measure_cli(args, source: Path, sampling: str, n_train: int, n_val: int, see
     manifest = json.loads((out / "manifest.json").read_text())
     calib_sha = hashlib.sha256((out / "calib.safetensors").read_bytes()).hexdigest()
     row = {"first_block_s": t_block - t0, "embed_s": t_embed - t0, "peak_rss": usage.ru_maxrss * 1024,
-           "cpu_s": usage.ru_utime + usage.ru_stime, "sha": f"{calib_sha[:12]}/{manifest['data']['windows_sha256'][:12]}",
+           "cpu_s": usage.ru_utime + usage.ru_stime,
+           "sha": f"{calib_sha[:12]}/{manifest['data']['windows_sha256'][:12]}",
            "seed": seed, "documents": int(read.group(1)), "tokens": int(read.group(2))}
     shutil.rmtree(scratch)
     return row
@@ -204,7 +205,7 @@ def measure_cli(args, source: Path, sampling: str, n_train: int, n_val: int, see
 
 def cli_table(plan: list, results: dict, corpora: dict, seeds: list[int]) -> None:
     print("| corpus | size | sampling | windows x 2048 | runs | read: docs, M tokens | to embedding s | to block 0 s | "
-          "CPU s to block 0 | peak RSS GiB | same windows (2nd run, same seed) |")
+          "CPU s to block 0 | peak RSS GiB: max (min) | same windows (2nd run, same seed) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for i, (name, sampling, n_train, n_val) in enumerate(plan):
@@ -214,12 +215,13 @@ def cli_table(plan: list, results: dict, corpora: dict, seeds: list[int]) -> Non
             "embed": statistics.median(r["embed_s"] for r in runs),
             "first": statistics.median(r["first_block_s"] for r in runs),
             "cpu": statistics.median(r["cpu_s"] for r in runs),
-            "rss": max(r["peak_rss"] for r in runs)}
+            "rss": max(r["peak_rss"] for r in runs), "rss_min": min(r["peak_rss"] for r in runs)}
         first = [next(r for r in runs if r["seed"] == s) for s in seeds]
         read = (f"{statistics.mean(r['documents'] for r in first):.0f}, "
                 f"{statistics.mean(r['tokens'] for r in first) / 1e6:.2f}")
         print(f"| {name} | {corpus_bytes(corpora[name]) / 1e9:.3f} GB | {sampling} | {n_train}+{n_val} | {len(runs)} | "
-              f"{read} | {row['embed']:.1f} | {row['first']:.1f} | {row['cpu']:.1f} | {row['rss'] / 2**30:.3f} | "
+              f"{read} | {row['embed']:.1f} | {row['first']:.1f} | {row['cpu']:.1f} | "
+              f"{row['rss'] / 2**30:.3f} ({row['rss_min'] / 2**30:.3f}) | "
               f"{'yes' if same else 'NO'} ({', '.join(sorted({r['sha'] for r in runs}))}) |", flush=True)
     for sampling in sorted({s for _, s, _, _ in plan}):
         small, big = summary.get(("small", sampling)), summary.get(("big", sampling))
@@ -230,8 +232,10 @@ def cli_table(plan: list, results: dict, corpora: dict, seeds: list[int]) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="/work/cache/smollm2", help="checkpoint (its tokenizer; with --sets cli, the model)")
-    p.add_argument("--work", default="/work/cache/calib_corpus", help="where the corpora are written (not the repository)")
+    p.add_argument("--model", default="/work/cache/smollm2",
+                   help="checkpoint (its tokenizer; with --sets cli, the model)")
+    p.add_argument("--work", default="/work/cache/calib_corpus",
+                   help="where the corpora are written (not the repository)")
     p.add_argument("--small-mb", type=float, default=10)
     p.add_argument("--mid-mb", type=float, default=100)
     p.add_argument("--big-gb", type=float, default=4)
@@ -246,7 +250,9 @@ def main() -> None:
                    "10 MB and 4 GB corpora; issue 14's row), main (the draw alone, every corpus, --n-train + --n-val "
                    "windows), paper (the draw alone, 4096 + 64 windows from the 4 GB corpora), old (the loader "
                    "before streaming)")
-    p.add_argument("--samplings", default="documents,joined", help="samplings measured by --sets cli")
+    p.add_argument("--samplings", default="documents,joined", help="samplings measured by --sets cli and main")
+    p.add_argument("--corpora", help="corpora measured by --sets cli and main (default: small,big for cli; "
+                   "small,mid,big,folder for main)")
     p.add_argument("--old-tree", type=Path, help="a checkout of the loader before streaming, for --sets old")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
@@ -256,14 +262,17 @@ def main() -> None:
         return child(args)
 
     sets = set(args.sets.split(","))
-    names = ({"small", "big"} if "cli" in sets else set()) | ({"small", "mid", "big", "folder"} if "main" in sets else
-                                                             set()) | ({"big", "folder"} if "paper" in sets else set())
-    corpora = make_corpora(Path(args.work), names | ({"small", "mid"} if "old" in sets else set()), args.small_mb,
-                           args.big_gb, args.mid_mb)
+    cli_names = args.corpora.split(",") if args.corpora else ["small", "big"]
+    main_names = args.corpora.split(",") if args.corpora else ["small", "mid", "big", "folder"]
+    needs = {"cli": set(cli_names), "main": set(main_names),
+             "paper": {"big", "folder"}, "old": {"small", "mid"}}
+    names = set().union(*(needs[k] for k in sets if k in needs))
+    corpora = make_corpora(Path(args.work), names, args.small_mb, args.big_gb, args.mid_mb)
     seeds = [int(x) for x in args.seeds.split(",")]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs", flush=True)
     if "cli" in sets:
-        cli_plan = [(name, s, args.n_train, args.n_val) for s in args.samplings.split(",") for name in ("small", "big")]
+        cli_plan = [(name, s, args.n_train, args.n_val) for s in args.samplings.split(",")
+                    for name in cli_names]
         cli_results: dict[int, list[dict]] = {i: [] for i in range(len(cli_plan))}
         for _ in range(args.reps):  # round the whole plan, so a burst of load hits every row alike
             for seed in seeds:
@@ -275,8 +284,7 @@ def main() -> None:
         cli_table(cli_plan, cli_results, corpora, seeds)
     plan = []
     if "main" in sets:  # the same windows from every corpus size
-        plan += [(name, s, args.n_train, args.n_val, REPO) for s in ("documents", "joined")
-                 for name in ("small", "mid", "big", "folder")]
+        plan += [(name, s, args.n_train, args.n_val, REPO) for s in args.samplings.split(",") for name in main_names]
     if "paper" in sets:  # the paper's 4096 + 64 windows (the 10 MB corpus holds too few)
         plan += [(name, s, 4096, 64, REPO) for s in ("documents", "joined") for name in ("big", "folder")]
     if "old" in sets:  # the loader before streaming (whole load): only the small corpora
@@ -290,9 +298,9 @@ def main() -> None:
             for i, (name, sampling, n_train, n_val, tree) in enumerate(plan):
                 results[i].append(measure(args, corpora[name], sampling, n_train, n_val, seed, tree))
     if plan:
-        print(f"tokenizer {args.model}, windows of {args.seqlen}, seeds {args.seeds}, {args.reps} fresh processes per "
-              "seed and row. Build: wall seconds, median over the runs; CPU: user + system seconds of all threads, mean; "
-              "read: documents and tokens tokenized, mean over the seeds; same windows: every seed's runs agree")
+        print(f"tokenizer {args.model}, windows of {args.seqlen}, seeds {args.seeds}, {args.reps} fresh processes "
+              "per seed and row. Build: wall seconds, median over the runs; CPU: user + system seconds of all threads, "
+              "mean; read: documents and tokens tokenized, mean over the seeds; same windows: every seed's runs agree")
         print("| corpus | size | code / sampling | windows | read: docs, M tokens | build s | build CPU s | "
               "process s | peak RSS GiB | RSS before build GiB | same windows |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -306,7 +314,8 @@ def main() -> None:
             print(f"| {name} | {corpus_bytes(corpora[name]) / 1e9:.3f} GB | {code} | {n_train}+{n_val} | {read} | "
                   f"{statistics.median(r['build_s'] for r in runs):.2f} | "
                   f"{statistics.mean(r['build_cpu_s'] for r in runs):.2f} | "
-                  f"{statistics.median(r['process_s'] for r in runs):.1f} | {max(r['peak_rss'] for r in runs) / 2**30:.3f} | "
+                  f"{statistics.median(r['process_s'] for r in runs):.1f} | "
+                  f"{max(r['peak_rss'] for r in runs) / 2**30:.3f} | "
                   f"{statistics.median(r['rss_before'] for r in runs) / 2**30:.3f} | {'yes' if same else 'NO'} |",
                   flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
