@@ -11,11 +11,12 @@ repeat a document's text or a stretch of the file):
 - ``folder/part-NNNN.jsonl``: the same copies, one file each.
 
 ``--sets cli`` (the default; issue 14's row): real ``frugal-qat block-ap`` starts on SmolLM2 (w2g64, windows of
---seqlen, --n-train + --n-val of them, --device cpu) on the small and the big corpus, each stopped by SIGKILL as
-soon as block 0 starts (its ``FRUGAL_QAT_STAGE_FILE`` line), with a fresh windows cache so every run draws its
-windows. It reports the wall seconds from the launch to the embedding stage and to block 0, the process's CPU
-seconds and peak RSS (``wait4``), what the draw read, and whether a second run with the same seed wrote the same
-windows (sha256 of ``calib.safetensors`` / the manifest's ``windows_sha256``).
+--seqlen, --n-train + --n-val of them, --device cpu) on the small and the big corpus (--corpora), each killed
+exactly where block 0 starts (the run's ``FRUGAL_QAT_STAGE_FILE`` is a named pipe that holds it at its marks), with
+a fresh windows cache so every run draws its windows. It reports the wall seconds from the launch to the embedding
+stage and to block 0, the process's CPU seconds and peak RSS to block 0 (``wait4``) and to the embedding stage
+(``VmHWM``), what the draw read, and whether a second run with the same seed wrote the same windows (sha256 of
+``calib.safetensors`` / the manifest's ``windows_sha256``).
 
 ``--sets main,paper,old``: the draw alone, in a fresh process per measurement (load the tokenizer, then
 ``build_calibration`` as the CLI calls it, without a cache): wall and CPU seconds, peak RSS, the windows' sha256.
