@@ -110,7 +110,8 @@ def calibration_windows(model_dir: Path, cfg):
 
     tok = load_tokenizer(model_dir)
     d = cfg.data
-    train, val = build_calibration(tok, d.calib, d.train_size, d.val_size, d.seqlen, d.seed, cache_dir() / "tokens")
+    train, val = build_calibration(tok, d.calib, d.train_size, d.val_size, d.seqlen, d.seed, cache_dir() / "tokens",
+                                   d.sampling)
     return torch.cat([train, val])
 
 

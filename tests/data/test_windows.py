@@ -311,6 +311,22 @@ def test_build_calibration_val_first_then_train(calib_dir):
         build_calibration(tok, str(calib_dir), 6, 2, 32, seed=0, sampling="random")
 
 
+@pytest.mark.parametrize("sampling", ["documents", "joined"])
+def test_cli_calibration_uses_the_configured_sampling(tmp_path, monkeypatch, sampling):
+    """`frugal-qat block-ap --sampling joined` (data.sampling) reaches the draw; it was once dropped on the way."""
+    from frugal_qat.cli import main as cli
+    from frugal_qat.config import resolve
+
+    source = write_corpus(tmp_path / "c.jsonl", LENGTHS)
+    monkeypatch.setattr(cli, "load_tokenizer", lambda _model: number_tokenizer())
+    monkeypatch.setenv("FRUGAL_QAT_CACHE", str(tmp_path / "cache"))
+    cfg = resolve(None, {"data.calib": source, "data.train_size": 6, "data.val_size": 2, "data.seqlen": 32,
+                         "data.seed": 4, "data.sampling": sampling})
+    got = cli.calibration_windows(tmp_path, cfg)
+    want = draw_windows(number_tokenizer(), source, 8, 32, seed=4, sampling=sampling).windows.long()
+    assert torch.equal(got, torch.cat([want[2:], want[:2]]))  # [train, val], as the run stores them
+
+
 def test_build_calibration_not_enough_text(calib_dir):
     with pytest.raises(DataError, match=r"calibration text has [\d,]+ tokens in 2 documents.*more text \(--calib\)"):
         build_calibration(make_tokenizer(), str(calib_dir), 4096, 64, 2048, seed=0)
