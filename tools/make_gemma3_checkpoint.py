@@ -55,8 +55,9 @@ def assemble_gguf(workdir: Path) -> Path:
 def convert(out_dir: Path, overwrite: bool = False) -> dict:
     """Write the fp16 checkpoint into ``out_dir`` (through ``.<name>.partial``, renamed at the end); returns the
     marker written last: source, dtype and the largest fp32 -> fp16 change of any weight."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from frugal_qat.data.demo import gguf_to_fp16_checkpoint
 
     if (out_dir / COMPLETE_MARKER).is_file() and not overwrite:
         log.info("%s is already complete", out_dir)
@@ -70,25 +71,8 @@ def convert(out_dir: Path, overwrite: bool = False) -> dict:
         with tempfile.TemporaryDirectory(prefix="gemma3-gguf-") as work:
             gguf = assemble_gguf(Path(work))
             log.info("dequantizing %s", gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             source = {"file": gguf.name, "bytes": gguf.stat().st_size}
-        cfg = loaded.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            cfg.pop(key, None)
-        model = Gemma3ForCausalLM(Gemma3TextConfig.from_dict(cfg))
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-        worst = max(float(((p.detach().half().float() - p.detach()) / p.detach().abs().clamp(min=1e-30)).abs().max())
-                    for p in model.parameters() if p.abs().max() > 0)
-        model = model.to(torch.float16)
-        model.config.dtype = torch.float16
-        model.save_pretrained(tmp, max_shard_size="50MB")
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        saved = json.loads(config_path.read_text())
-        saved["torch_dtype"] = "float16"  # transformers 5 writes "dtype"; older readers look for "torch_dtype"
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            worst = gguf_to_fp16_checkpoint(gguf, tmp, Gemma3ForCausalLM, Gemma3TextConfig)
         marker = {"source": source, "dtype": "float16", "max_relative_fp16_rounding": worst}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():

@@ -249,9 +249,12 @@ def cmd_e2e_qp(args) -> int:
     if e.format == "alpaca":
         data = alpaca_examples(tok, e.data, e.source_len, e.target_len, e.train_size, e.seed)
     else:
-        from frugal_qat.data.windows import load_token_stream, sample_windows
+        from frugal_qat.data.windows import sample_text_windows
 
-        ids = sample_windows(load_token_stream(tok, e.data, cache_dir() / "tokens"), e.train_size, e.seqlen, e.seed)
+        # Streamed like the calibration (docs/DATA.md): only train_size x seqlen tokens and the documents around
+        # them are read and tokenized, whatever the size of --data; consecutive slices of the EOS-joined stream.
+        ids = sample_text_windows(tok, e.data, e.train_size, e.seqlen, e.seed, sampling="joined",
+                                  cache_dir=cache_dir() / "tokens")
         data = (ids, ids)
     out = Path(args.out) if args.out else run.with_name(run.name + "-e2e")
     stop = StopFlag()

@@ -49,6 +49,37 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
+def gguf_to_fp16_checkpoint(gguf: Path, out: Path, model_cls, config_cls) -> float:
+    """Dequantize the GGUF ``gguf`` through transformers and save it into ``out`` as an fp16 sharded checkpoint
+    (``model_cls``/``config_cls``: the plain transformers classes of its architecture), with its tokenizer.
+    Returns the largest relative change fp32 -> fp16 of any weight (0 when the GGUF's values are fp16-exact).
+
+    A GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf"), so a plain model is rebuilt from its
+    config minus the quantization entry and the (already dequantized) weights are copied in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg.pop(key, None)
+    model = model_cls(config_cls.from_dict(cfg))
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    worst = max(float(((p.detach().half().float() - p.detach()) / p.detach().abs().clamp(min=1e-30)).abs().max())
+                for p in model.parameters() if p.abs().max() > 0)
+    model = model.to(torch.float16)
+    model.config.dtype = torch.float16
+    model.save_pretrained(out, max_shard_size="50MB")
+    tokenizer.save_pretrained(out)
+    config_path = out / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["torch_dtype"] = "float16"  # transformers 5 writes "dtype"; older readers (and other tools) look for this
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return worst
+
+
 def make_smollm2_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
     """Convert the SmolLM2 GGUF into an fp16 Hugging Face checkpoint in ``out_dir`` and return ``out_dir``.
 
@@ -69,34 +100,14 @@ def make_smollm2_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
         )
     gguf = find_smollm2_gguf()
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted conversion
     tmp.mkdir(parents=True)
     try:
         logger.info("dequantizing %s (about 20 s)", gguf)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain Llama from its
-        # config minus the quantization entry and copy the (already dequantized) weights in.
-        cfg = gguf_model.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            cfg.pop(key, None)
-        config = LlamaConfig.from_dict(cfg)
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(gguf_model.state_dict())
-        del gguf_model
-        model = model.to(torch.float16)
-        model.config.dtype = torch.float16
-        model.save_pretrained(tmp, max_shard_size="50MB")
-        tokenizer.save_pretrained(tmp)
-        # transformers 5 writes "dtype"; older readers (and other tools) look for "torch_dtype".
-        config_path = tmp / "config.json"
-        saved = json.loads(config_path.read_text())
-        saved["torch_dtype"] = "float16"
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        gguf_to_fp16_checkpoint(gguf, tmp, LlamaForCausalLM, LlamaConfig)
         marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "dtype": "float16"}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():
