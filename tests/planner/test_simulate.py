@@ -52,7 +52,8 @@ def test_matmuls_run_in_the_dtypes_the_plan_says(cuda_run):
     assert p.phase("ppl_eval").compute_dtype == dtype_name(policy.nograd_autocast)
     ap, e2e, ppl = (sims[k].matmul_dtypes for k in PHASES)
     assert ap["train"] == [p.phase("block_ap").compute_dtype]
-    assert ap["fp update"] == ap["quant update"] == [dtype_name(policy.nograd_autocast)]
+    assert ap["quant update"] == [dtype_name(policy.nograd_autocast)] == ["bfloat16"]
+    assert ap["fp update"] == [dtype_name(policy.teacher_autocast)] == ["float16"]  # the teacher, on fp16 streams
     assert e2e["step 2"] == [p.phase("e2e_qp").compute_dtype]  # packed matmuls and the lm_head
     assert ppl == {"blocks": [dtype_name(policy.nograd_autocast)], "head": ["float32"]}  # the fp32 head (ppl.py)
     assert p.precision == policy.to_json()
