@@ -301,13 +301,14 @@ def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str 
     return res
 
 
-def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[float], steps: int = 24) -> None:
+def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[tuple[float, float]],
+                inits: tuple[str, ...] = ("unit", "imatrix"), steps: int = 24) -> None:
     """One block trained as Block-AP trains it, in a plain grid (``plainB``: w``B``g64) or a GGUF grid: validation
     MSE of the block's output before and after (24 steps of 2 x 256-token windows = 2 epochs of the 24 first
-    calibration windows, cosine lr from ``lr`` to ``lr / 20``, weights and quantizer at the same lr; the last 8
-    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer. A GGUF grid is
-    initialised both without and with the importance matrix of the 24 training windows (``unit`` / ``imatrix``);
-    lr 0 is the initialisation alone."""
+    calibration windows, cosine lr from ``lr`` to ``lr / 20``; ``lrs`` holds (weight lr, quantizer lr) pairs; the
+    last 8 windows validate). Inputs are the fp model's, so the numbers isolate the quantizer. A GGUF grid is
+    initialised without and/or with the importance matrix of the 24 training windows (``inits``: ``unit`` /
+    ``imatrix``); lr 0 is the initialisation alone."""
     import torch
     from torch import nn
 
@@ -337,8 +338,8 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
 
     importance = linear_input_importance(src.block(block), lambda m, xb: runner(m, block, xb), xt.split(4),
                                          resolve_precision("cpu"), torch.device("cpu"))
-    for grid, init in [(g, i) for g in grids for i in (("-",) if g.startswith("plain") else ("unit", "imatrix"))]:
-        for lr in lrs:
+    for grid, init in [(g, i) for g in grids for i in (("-",) if g.startswith("plain") else inits)]:
+        for lr, qlr in lrs:
             blk = src.block(block)
             layers = []
             for path, mod in list(blk.named_modules()):
@@ -351,10 +352,10 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
                     layers.append(q)
             quant = [p for q in layers for p in q.quant_parameters()]
             others = [p for p in blk.parameters() if id(p) not in {id(t) for t in quant}]
-            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": lr, "base": lr}],
+            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": qlr, "base": qlr}],
                                     weight_decay=0.0)
             before = val(blk)
-            for s in range(steps if lr > 0 else 0):
+            for s in range(steps if lr > 0 or qlr > 0 else 0):
                 for g in opt.param_groups:
                     g["lr"] = g["base"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / (steps - 1))))
                 j = (s % (len(xt) // 2)) * 2
@@ -367,7 +368,7 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
             for q in layers:
                 q.freeze_()
             after = val(blk)
-            print(f"| block {block} | {grid} | {init} | {lr:g} | {before:.3e} | {after:.3e} | "
+            print(f"| block {block} | {grid} | {init} | {lr:g} / {qlr:g} | {before:.3e} | {after:.3e} | "
                   f"{100 * (after / before - 1):+.1f} % |", flush=True)
 
 
@@ -449,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--root", type=Path, required=True)
     bl.add_argument("--block", type=int, default=3)
     bl.add_argument("--grids", default="q4_k,q3_k,q2_k")
-    bl.add_argument("--lrs", default="0,1e-4,1e-3")
+    bl.add_argument("--lrs", default="0,1e-4,1e-3", help="comma-separated; LR (weights and quantizer) or WLR:QLR")
+    bl.add_argument("--inits", default="unit,imatrix")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
@@ -457,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         build(args.cache, jobs=args.jobs)
     elif args.cmd == "block":
-        block_check(args.model, args.root, args.block, args.grids.split(","), [float(v) for v in args.lrs.split(",")])
+        lrs = [tuple(float(x) for x in (v.split(":") if ":" in v else (v, v))) for v in args.lrs.split(",")]
+        block_check(args.model, args.root, args.block, args.grids.split(","), lrs, tuple(args.inits.split(",")))
     elif args.cmd == "prepare":
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
