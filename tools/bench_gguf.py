@@ -380,24 +380,45 @@ def prepare(model: Path, root: Path, types: list[str]) -> None:
         print(gtype, torch_side(frugal_qat_gguf(model, root, gtype, "init"), root), flush=True)
 
 
-def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, with_transformers: bool = True) -> None:
+def frugal_qat_ppl(run_dir: Path, root: Path) -> float:
+    """frugal-qat's own perplexity of the run (its packed model through transformers, fp32) on the same held-out
+    windows as ``transformers_ppl``: the reference the GGUF file must match within 0.5 %."""
+    import torch
+
+    from frugal_qat.export.verify import reference_nll
+
+    nll, _ = reference_nll(run_dir, torch.load(root / "data" / "windows.pt")["heldout"], torch.device("cpu"))
+    return math.exp(float(nll.mean()))
+
+
+def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str], llama: bool = True,
+        with_transformers: bool = True) -> None:
+    """Per type: llama.cpp's two rows first (minutes), then frugal-qat's ``stages`` (``init``, ``bap``, ``e2e``)."""
     bins = build(cache)
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(model, root)
     f16 = fp16_gguf(model, root)
     tf = with_transformers
     measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf)
-    imatrix = llama_imatrix(bins, f16, root)
+    imatrix = llama_imatrix(bins, f16, root) if llama else None
+    notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
+             "bap": "frugal-qat Block-AP in the {t} grid (recipes/smollm2_135m_{t}.yaml)",
+             "e2e": "frugal-qat Block-AP + E2E-QP in the {t} grid (recipes/smollm2_135m_{t}.yaml)"}
     for gtype in types:
-        measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
-                f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
-        measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype, imatrix),
-                bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
-        notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
-                 "bap": f"frugal-qat Block-AP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)",
-                 "e2e": f"frugal-qat Block-AP + E2E-QP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)"}
-        for stage in ("init", "bap", "e2e") if trained else ("init",):
-            measure(f"fq_{gtype}_{stage}", frugal_qat_gguf(model, root, gtype, stage), bins, root, notes[stage], tf)
+        if llama:
+            measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype,
+                                                             imatrix),
+                    bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
+            measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
+                    f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
+        for stage in stages:
+            row = f"fq_{gtype}_{stage}"
+            res = measure(row, frugal_qat_gguf(model, root, gtype, stage), bins, root,
+                          notes[stage].format(t=gtype), tf)
+            run_dir = root / "runs" / f"{gtype}_{stage}"
+            if tf and "ppl_frugal_qat" not in res and run_dir.is_dir():
+                res["ppl_frugal_qat"] = frugal_qat_ppl(run_dir, root)
+                (root / row / "result.json").write_text(json.dumps(res, indent=2))
     table(root)
 
 
@@ -411,16 +432,22 @@ def table(root: Path) -> None:
     order = {"fp16": 0}
     rows.sort(key=lambda r: (order.get(r["row"], 1), r["row"].split("_")[1] if "_" in r["row"] else "", r["row"]))
     print("| row | linears (types) | bits/w linears | weight err k-quant / fallback | file MB | ppl llama.cpp | "
-          "ppl transformers |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          "ppl transformers | ppl frugal-qat (transformers vs it) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
+            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | | |")
             continue
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
         err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
         print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
-              f"{_ppl_cell(r)} | {r['ppl_transformers']:.3f} |")
+              f"{_ppl_cell(r)} | {r.get('ppl_transformers', float('nan')):.3f} | {_fq_cell(r)} |")
+
+
+def _fq_cell(r: dict) -> str:
+    if "ppl_frugal_qat" not in r or "ppl_transformers" not in r:
+        return "-"
+    return f"{r['ppl_frugal_qat']:.3f} ({100 * (r['ppl_transformers'] / r['ppl_frugal_qat'] - 1):+.2f} %)"
 
 
 def _ppl_cell(r: dict) -> str:
@@ -438,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
-    r.add_argument("--no-trained", action="store_true", help="skip the frugal-qat Block-AP / E2E-QP rows")
+    r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
+    r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
     r.add_argument("--no-transformers", action="store_true",
                    help="llama.cpp's measurements only (a later run without the flag adds transformers' perplexity)")
     pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
@@ -464,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "prepare":
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
-        run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained, not args.no_transformers)
+        run(args.model, args.root, args.cache, args.types.split(","), [s for s in args.stages.split(",") if s],
+            not args.no_llama, not args.no_transformers)
     else:
         table(args.root)
     return 0
