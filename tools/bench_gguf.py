@@ -195,16 +195,16 @@ def frugal_qat_gguf(model: Path, root: Path, gtype: str, stage: str) -> Path:
 # ---- measurements ---------------------------------------------------------------------------------------------
 
 
-def llama_ppl(bins: Path, gguf_path: Path, root: Path) -> dict:
+def llama_ppl(bins: Path, gguf_path: Path, root: Path, chunks: int = 40) -> dict:
     log = gguf_path.parent / "perplexity.log"
     proc = subprocess.run(_locked([str(bins / "llama-perplexity"), "-m", str(gguf_path), "-f",
-                                   str(root / "data" / "heldout.txt"), "-c", "512", "--chunks", "40", "-b", "512",
-                                   "-t", THREADS]), capture_output=True, text=True)
+                                   str(root / "data" / "heldout.txt"), "-c", "512", "--chunks", str(chunks), "-b",
+                                   "512", "-t", THREADS]), capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
     if proc.returncode or not m:
         raise RuntimeError(f"llama-perplexity failed on {gguf_path}; see {log}")
-    return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2))}
+    return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2)), "llama_chunks": chunks}
 
 
 def transformers_ppl(gguf_path: Path, root: Path) -> float:
@@ -283,7 +283,7 @@ def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> d
 
 
 def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "",
-            with_transformers: bool = True) -> dict:
+            with_transformers: bool = True, chunks: int = 40) -> dict:
     out = root / row / "result.json"
     if out.is_file():
         res = json.loads(out.read_text())
@@ -294,7 +294,7 @@ def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str 
     if gguf_path is None:
         return {"row": row, "skipped": note}
     res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers),
-           **llama_ppl(bins, gguf_path, root), "generation": generate(bins, gguf_path)}
+           **llama_ppl(bins, gguf_path, root, chunks), "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res), flush=True)
@@ -392,14 +392,17 @@ def frugal_qat_ppl(run_dir: Path, root: Path) -> float:
 
 
 def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str], llama: bool = True,
-        with_transformers: bool = True) -> None:
-    """Per type: llama.cpp's two rows first (minutes), then frugal-qat's ``stages`` (``init``, ``bap``, ``e2e``)."""
+        with_transformers: bool = True, transformers_all: bool = False, chunks: int = 40) -> None:
+    """Per type: llama.cpp's two rows first (minutes), then frugal-qat's ``stages`` (``init``, ``bap``, ``e2e``).
+    transformers' perplexity (and frugal-qat's own, for the 0.5 % check) is measured on the trained rows, and on
+    llama-quantize's and the init rows too with ``transformers_all`` (they cost as much again: 2 cores)."""
     bins = build(cache)
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(model, root)
     f16 = fp16_gguf(model, root)
     tf = with_transformers
-    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf)
+    tf_other = tf and transformers_all
+    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf, chunks)
     imatrix = llama_imatrix(bins, f16, root) if llama else None
     notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
              "bap": "frugal-qat Block-AP in the {t} grid (recipes/smollm2_135m_{t}.yaml)",
@@ -408,15 +411,17 @@ def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str
         if llama:
             measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype,
                                                              imatrix),
-                    bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
+                    bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)",
+                    tf_other, chunks)
             measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
-                    f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
+                    f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf_other, chunks)
         for stage in stages:
             row = f"fq_{gtype}_{stage}"
+            tf_row = tf if stage in ("bap", "e2e") else tf_other
             res = measure(row, frugal_qat_gguf(model, root, gtype, stage), bins, root,
-                          notes[stage].format(t=gtype), tf)
+                          notes[stage].format(t=gtype), tf_row, chunks)
             run_dir = root / "runs" / f"{gtype}_{stage}"
-            if tf and "ppl_frugal_qat" not in res and run_dir.is_dir():
+            if tf_row and "ppl_frugal_qat" not in res and run_dir.is_dir():
                 res["ppl_frugal_qat"] = frugal_qat_ppl(run_dir, root)
                 (root / row / "result.json").write_text(json.dumps(res, indent=2))
     table(root)
@@ -440,8 +445,28 @@ def table(root: Path) -> None:
             continue
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
         err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
+        tf = f"{r['ppl_transformers']:.3f}" if "ppl_transformers" in r else "-"
         print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
-              f"{_ppl_cell(r)} | {r.get('ppl_transformers', float('nan')):.3f} | {_fq_cell(r)} |")
+              f"{_ppl_cell(r)} | {tf} | {_fq_cell(r)} |")
+    block_table(root)
+
+
+def block_table(root: Path) -> None:
+    """What Block-AP bought per block, from each Block-AP run's summary: validation MSE after training against the
+    grid initialisation on the same (quantized-stream) inputs, and the run's wall time."""
+    runs = sorted((root / "runs").glob("*_bap/summary.json")) if (root / "runs").is_dir() else []
+    if not runs:
+        return
+    print("\n| Block-AP run | wall s | val MSE trained / init, geometric mean over blocks | blocks worse than init | "
+          "last block: init -> trained |")
+    print("|---|---:|---:|---:|---|")
+    for path in runs:
+        s = json.loads(path.read_text())
+        ratios = [b["val_mse"][-1] / b["val_mse"][0] for b in s["blocks"]]
+        gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        last = s["blocks"][-1]["val_mse"]
+        print(f"| {path.parent.name} | {s['seconds']:.0f} | {gmean:.3f} | {sum(r > 1 for r in ratios)} / "
+              f"{len(ratios)} | {last[0]:.3e} -> {last[-1]:.3e} |")
 
 
 def _fq_cell(r: dict) -> str:
@@ -467,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
     r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
+    r.add_argument("--chunks", type=int, default=40, help="held-out windows of 512 tokens for llama-perplexity")
+    r.add_argument("--transformers-all", action="store_true",
+                   help="transformers' perplexity of llama-quantize's and the init rows too (trained rows always)")
     r.add_argument("--no-transformers", action="store_true",
                    help="llama.cpp's measurements only (a later run without the flag adds transformers' perplexity)")
     pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
@@ -493,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
         run(args.model, args.root, args.cache, args.types.split(","), [s for s in args.stages.split(",") if s],
-            not args.no_llama, not args.no_transformers)
+            not args.no_llama, not args.no_transformers, args.transformers_all, args.chunks)
     else:
         table(args.root)
     return 0
