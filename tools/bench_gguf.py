@@ -207,12 +207,12 @@ def llama_ppl(bins: Path, gguf_path: Path, root: Path, chunks: int = 40) -> dict
     return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2)), "llama_chunks": chunks}
 
 
-def transformers_ppl(gguf_path: Path, root: Path) -> float:
+def transformers_ppl(gguf_path: Path, root: Path, n_windows: int = 40) -> float:
     import torch
 
     from frugal_qat.export.gguf import load_gguf_model
 
-    windows = torch.load(root / "data" / "windows.pt")["heldout"]
+    windows = torch.load(root / "data" / "windows.pt")["heldout"][:n_windows]
     model = load_gguf_model(gguf_path)
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -268,7 +268,7 @@ def weight_error(gguf_path: Path, f16_path: Path) -> dict:
     return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
 
 
-def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> dict:
+def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True, n_windows: int = 40) -> dict:
     """The measurements that need no llama.cpp (file stats, weight error, transformers' perplexity), cached in
     ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built);
     ``with_transformers=False`` leaves the perplexity for a later run."""
@@ -277,7 +277,8 @@ def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> d
     if not res:
         res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf")}
     if with_transformers and "ppl_transformers" not in res:
-        res["ppl_transformers"] = transformers_ppl(gguf_path, root)
+        res["ppl_transformers"] = transformers_ppl(gguf_path, root, n_windows)
+        res["transformers_windows"] = n_windows
     cache.write_text(json.dumps(res, indent=2))
     return res
 
@@ -288,12 +289,12 @@ def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str 
     if out.is_file():
         res = json.loads(out.read_text())
         if with_transformers and "ppl_transformers" not in res and gguf_path is not None:
-            res.update(torch_side(gguf_path, root))
+            res.update(torch_side(gguf_path, root, True, chunks))
             out.write_text(json.dumps(res, indent=2))
         return res
     if gguf_path is None:
         return {"row": row, "skipped": note}
-    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers),
+    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers, chunks),
            **llama_ppl(bins, gguf_path, root, chunks), "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
@@ -380,14 +381,15 @@ def prepare(model: Path, root: Path, types: list[str]) -> None:
         print(gtype, torch_side(frugal_qat_gguf(model, root, gtype, "init"), root), flush=True)
 
 
-def frugal_qat_ppl(run_dir: Path, root: Path) -> float:
+def frugal_qat_ppl(run_dir: Path, root: Path, n_windows: int = 40) -> float:
     """frugal-qat's own perplexity of the run (its packed model through transformers, fp32) on the same held-out
     windows as ``transformers_ppl``: the reference the GGUF file must match within 0.5 %."""
     import torch
 
     from frugal_qat.export.verify import reference_nll
 
-    nll, _ = reference_nll(run_dir, torch.load(root / "data" / "windows.pt")["heldout"], torch.device("cpu"))
+    windows = torch.load(root / "data" / "windows.pt")["heldout"][:n_windows]
+    nll, _ = reference_nll(run_dir, windows, torch.device("cpu"))
     return math.exp(float(nll.mean()))
 
 
@@ -422,7 +424,7 @@ def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str
                           notes[stage].format(t=gtype), tf_row, chunks)
             run_dir = root / "runs" / f"{gtype}_{stage}"
             if tf_row and "ppl_frugal_qat" not in res and run_dir.is_dir():
-                res["ppl_frugal_qat"] = frugal_qat_ppl(run_dir, root)
+                res["ppl_frugal_qat"] = frugal_qat_ppl(run_dir, root, chunks)
                 (root / row / "result.json").write_text(json.dumps(res, indent=2))
     table(root)
 
@@ -492,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
     r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
-    r.add_argument("--chunks", type=int, default=40, help="held-out windows of 512 tokens for llama-perplexity")
+    r.add_argument("--chunks", type=int, default=40,
+                   help="held-out windows of 512 tokens (the first N): llama-perplexity's chunks, transformers' windows")
     r.add_argument("--transformers-all", action="store_true",
                    help="transformers' perplexity of llama-quantize's and the init rows too (trained rows always)")
     r.add_argument("--no-transformers", action="store_true",
