@@ -353,7 +353,8 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
                     layers.append(q)
             quant = [p for q in layers for p in q.quant_parameters()]
             others = [p for p in blk.parameters() if id(p) not in {id(t) for t in quant}]
-            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": qlr, "base": qlr}],
+            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr},
+                                     {"params": quant, "lr": qlr, "base": qlr}],
                                     weight_decay=0.0)
             before = val(blk)
             for s in range(steps if lr > 0 or qlr > 0 else 0):
@@ -394,7 +395,8 @@ def frugal_qat_ppl(run_dir: Path, root: Path, n_windows: int = 40) -> float:
 
 
 def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str], llama: bool = True,
-        with_transformers: bool = True, transformers_all: bool = False, chunks: int = 40) -> None:
+        with_transformers: bool = True, transformers_all: bool = False, chunks: int = 40,
+        plain_llama: bool = True) -> None:
     """Per type: llama.cpp's two rows first (minutes), then frugal-qat's ``stages`` (``init``, ``bap``, ``e2e``).
     transformers' perplexity (and frugal-qat's own, for the 0.5 % check) is measured on the trained rows, and on
     llama-quantize's and the init rows too with ``transformers_all`` (they cost as much again: 2 cores)."""
@@ -415,8 +417,9 @@ def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str
                                                              imatrix),
                     bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)",
                     tf_other, chunks)
-            measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
-                    f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf_other, chunks)
+            if plain_llama:
+                measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
+                        f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf_other, chunks)
         for stage in stages:
             row = f"fq_{gtype}_{stage}"
             tf_row = tf if stage in ("bap", "e2e") else tf_other
@@ -494,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
     r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
+    r.add_argument("--no-plain-llama", action="store_true", help="skip llama-quantize's row without an imatrix")
     r.add_argument("--chunks", type=int, default=40,
-                   help="held-out windows of 512 tokens (the first N): llama-perplexity's chunks, transformers' windows")
+                   help="held-out 512-token windows (the first N): llama-perplexity's chunks, transformers' windows")
     r.add_argument("--transformers-all", action="store_true",
                    help="transformers' perplexity of llama-quantize's and the init rows too (trained rows always)")
     r.add_argument("--no-transformers", action="store_true",
@@ -524,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
         run(args.model, args.root, args.cache, args.types.split(","), [s for s in args.stages.split(",") if s],
-            not args.no_llama, not args.no_transformers, args.transformers_all, args.chunks)
+            not args.no_llama, not args.no_transformers, args.transformers_all, args.chunks, not args.no_plain_llama)
     else:
         table(args.root)
     return 0
