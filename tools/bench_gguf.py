@@ -2,7 +2,9 @@
 
     python tools/bench_gguf.py build                      # llama.cpp's tools from source, once (cached, not in CI)
     python tools/bench_gguf.py run --model /tmp/smollm2 --root /tmp/gguf_bench [--types q4_k,q3_k,q2_k]
+        [--stages init,bap,e2e] [--chunks 40] [--transformers-all] [--no-plain-llama]
     python tools/bench_gguf.py table --root /tmp/gguf_bench
+    python tools/bench_gguf.py block --model /tmp/smollm2 --root /tmp/gguf_bench --grids q4_k --lrs 0,1e-4:1e-5
 
 ``build``: downloads llama-cpp-python's source distribution from PyPI (``pip download --no-deps --no-binary
 :all: llama-cpp-python==VERSION``; it vendors the whole llama.cpp tree), configures a CPU-only static build and
@@ -31,10 +33,12 @@ Where a row is not a multiple of 256 (SmolLM2's hidden size is 576: q/k/v/o, gat
 to Q4_0 (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
 bits per weight of the linears of each file, so the sizes compare.
 
-Perplexity, per file: ``llama-perplexity -c 512 --chunks 40`` on the held-out text (the 40 x 512 demo-heldout tokens
-of docs/QUALITY.md, decoded to text and tokenized again by llama.cpp, which scores the second half of each
-window), and transformers' GGUF loader on the same 40 x 512 token windows, every token scored (the protocol of
-docs/QUALITY.md). Each file also generates 32 tokens greedily with ``llama-completion``.
+Perplexity, per file: ``llama-perplexity -c 512 --chunks N`` (``--chunks``, default 40) on the held-out text (the
+first N of the 40 x 512 demo-heldout windows of docs/QUALITY.md, decoded to text and tokenized again by llama.cpp,
+which scores the second half of each window), and transformers' GGUF loader on the same N token windows, every
+token scored (the protocol of docs/QUALITY.md) -- for the trained rows always, for the others with
+``--transformers-all``; for the trained rows also frugal-qat's own model of the run on those windows (the GGUF
+must match it within 0.5 %). Each file also generates 32 tokens greedily with ``llama-completion``.
 """
 
 from __future__ import annotations
