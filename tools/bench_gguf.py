@@ -2,7 +2,9 @@
 
     python tools/bench_gguf.py build                      # llama.cpp's tools from source, once (cached, not in CI)
     python tools/bench_gguf.py run --model /tmp/smollm2 --root /tmp/gguf_bench [--types q4_k,q3_k,q2_k]
+        [--stages init,bap,e2e] [--chunks 40] [--transformers-all] [--no-plain-llama]
     python tools/bench_gguf.py table --root /tmp/gguf_bench
+    python tools/bench_gguf.py block --model /tmp/smollm2 --root /tmp/gguf_bench --grids q4_k --lrs 0,1e-4:1e-5
 
 ``build``: downloads llama-cpp-python's source distribution from PyPI (``pip download --no-deps --no-binary
 :all: llama-cpp-python==VERSION``; it vendors the whole llama.cpp tree), configures a CPU-only static build and
@@ -31,10 +33,12 @@ Where a row is not a multiple of 256 (SmolLM2's hidden size is 576: q/k/v/o, gat
 to Q4_0 (q2_k, q3_k) or Q5_0 (q4_k) and frugal-qat to Q4_0 / Q4_1 (kquant.K_FALLBACK); the table gives the
 bits per weight of the linears of each file, so the sizes compare.
 
-Perplexity, per file: ``llama-perplexity -c 512 --chunks 40`` on the held-out text (the 40 x 512 demo-heldout tokens
-of docs/QUALITY.md, decoded to text and tokenized again by llama.cpp, which scores the second half of each
-window), and transformers' GGUF loader on the same 40 x 512 token windows, every token scored (the protocol of
-docs/QUALITY.md). Each file also generates 32 tokens greedily with ``llama-completion``.
+Perplexity, per file: ``llama-perplexity -c 512 --chunks N`` (``--chunks``, default 40) on the held-out text (the
+first N of the 40 x 512 demo-heldout windows of docs/QUALITY.md, decoded to text and tokenized again by llama.cpp,
+which scores the second half of each window), and transformers' GGUF loader on the same N token windows, every
+token scored (the protocol of docs/QUALITY.md) -- for the trained rows always, for the others with
+``--transformers-all``; for the trained rows also frugal-qat's own model of the run on those windows (the GGUF
+must match it within 0.5 %). Each file also generates 32 tokens greedily with ``llama-completion``.
 """
 
 from __future__ import annotations
@@ -195,24 +199,24 @@ def frugal_qat_gguf(model: Path, root: Path, gtype: str, stage: str) -> Path:
 # ---- measurements ---------------------------------------------------------------------------------------------
 
 
-def llama_ppl(bins: Path, gguf_path: Path, root: Path) -> dict:
+def llama_ppl(bins: Path, gguf_path: Path, root: Path, chunks: int = 40) -> dict:
     log = gguf_path.parent / "perplexity.log"
     proc = subprocess.run(_locked([str(bins / "llama-perplexity"), "-m", str(gguf_path), "-f",
-                                   str(root / "data" / "heldout.txt"), "-c", "512", "--chunks", "40", "-b", "512",
-                                   "-t", THREADS]), capture_output=True, text=True)
+                                   str(root / "data" / "heldout.txt"), "-c", "512", "--chunks", str(chunks), "-b",
+                                   "512", "-t", THREADS]), capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
     if proc.returncode or not m:
         raise RuntimeError(f"llama-perplexity failed on {gguf_path}; see {log}")
-    return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2))}
+    return {"ppl_llama_cpp": float(m.group(1)), "ppl_llama_cpp_err": float(m.group(2)), "llama_chunks": chunks}
 
 
-def transformers_ppl(gguf_path: Path, root: Path) -> float:
+def transformers_ppl(gguf_path: Path, root: Path, n_windows: int = 40) -> float:
     import torch
 
     from frugal_qat.export.gguf import load_gguf_model
 
-    windows = torch.load(root / "data" / "windows.pt")["heldout"]
+    windows = torch.load(root / "data" / "windows.pt")["heldout"][:n_windows]
     model = load_gguf_model(gguf_path)
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -268,7 +272,7 @@ def weight_error(gguf_path: Path, f16_path: Path) -> dict:
     return {f"weight_rel_rmse_{k}": round(math.sqrt(e / s), 5) for k, (e, s) in sums.items() if s > 0}
 
 
-def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> dict:
+def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True, n_windows: int = 40) -> dict:
     """The measurements that need no llama.cpp (file stats, weight error, transformers' perplexity), cached in
     ``torch_side.json`` next to the file (they run while llama.cpp's tools are still being built);
     ``with_transformers=False`` leaves the perplexity for a later run."""
@@ -277,37 +281,39 @@ def torch_side(gguf_path: Path, root: Path, with_transformers: bool = True) -> d
     if not res:
         res = {**file_stats(gguf_path), **weight_error(gguf_path, root / "fp16" / "model.gguf")}
     if with_transformers and "ppl_transformers" not in res:
-        res["ppl_transformers"] = transformers_ppl(gguf_path, root)
+        res["ppl_transformers"] = transformers_ppl(gguf_path, root, n_windows)
+        res["transformers_windows"] = n_windows
     cache.write_text(json.dumps(res, indent=2))
     return res
 
 
 def measure(row: str, gguf_path: Path | None, bins: Path, root: Path, note: str = "",
-            with_transformers: bool = True) -> dict:
+            with_transformers: bool = True, chunks: int = 40) -> dict:
     out = root / row / "result.json"
     if out.is_file():
         res = json.loads(out.read_text())
         if with_transformers and "ppl_transformers" not in res and gguf_path is not None:
-            res.update(torch_side(gguf_path, root))
+            res.update(torch_side(gguf_path, root, True, chunks))
             out.write_text(json.dumps(res, indent=2))
         return res
     if gguf_path is None:
         return {"row": row, "skipped": note}
-    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers),
-           **llama_ppl(bins, gguf_path, root), "generation": generate(bins, gguf_path)}
+    res = {"row": row, "note": note, **torch_side(gguf_path, root, with_transformers, chunks),
+           **llama_ppl(bins, gguf_path, root, chunks), "generation": generate(bins, gguf_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res), flush=True)
     return res
 
 
-def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[float], steps: int = 24) -> None:
+def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list[tuple[float, float]],
+                inits: tuple[str, ...] = ("unit", "imatrix"), steps: int = 24) -> None:
     """One block trained as Block-AP trains it, in a plain grid (``plainB``: w``B``g64) or a GGUF grid: validation
     MSE of the block's output before and after (24 steps of 2 x 256-token windows = 2 epochs of the 24 first
-    calibration windows, cosine lr from ``lr`` to ``lr / 20``, weights and quantizer at the same lr; the last 8
-    windows validate). Inputs are the fp model's, so the numbers isolate the quantizer. A GGUF grid is
-    initialised both without and with the importance matrix of the 24 training windows (``unit`` / ``imatrix``);
-    lr 0 is the initialisation alone."""
+    calibration windows, cosine lr from ``lr`` to ``lr / 20``; ``lrs`` holds (weight lr, quantizer lr) pairs; the
+    last 8 windows validate). Inputs are the fp model's, so the numbers isolate the quantizer. A GGUF grid is
+    initialised without and/or with the importance matrix of the 24 training windows (``inits``: ``unit`` /
+    ``imatrix``); lr 0 is the initialisation alone."""
     import torch
     from torch import nn
 
@@ -337,8 +343,8 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
 
     importance = linear_input_importance(src.block(block), lambda m, xb: runner(m, block, xb), xt.split(4),
                                          resolve_precision("cpu"), torch.device("cpu"))
-    for grid, init in [(g, i) for g in grids for i in (("-",) if g.startswith("plain") else ("unit", "imatrix"))]:
-        for lr in lrs:
+    for grid, init in [(g, i) for g in grids for i in (("-",) if g.startswith("plain") else inits)]:
+        for lr, qlr in lrs:
             blk = src.block(block)
             layers = []
             for path, mod in list(blk.named_modules()):
@@ -351,10 +357,11 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
                     layers.append(q)
             quant = [p for q in layers for p in q.quant_parameters()]
             others = [p for p in blk.parameters() if id(p) not in {id(t) for t in quant}]
-            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr}, {"params": quant, "lr": lr, "base": lr}],
+            opt = torch.optim.AdamW([{"params": others, "lr": lr, "base": lr},
+                                     {"params": quant, "lr": qlr, "base": qlr}],
                                     weight_decay=0.0)
             before = val(blk)
-            for s in range(steps if lr > 0 else 0):
+            for s in range(steps if lr > 0 or qlr > 0 else 0):
                 for g in opt.param_groups:
                     g["lr"] = g["base"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / (steps - 1))))
                 j = (s % (len(xt) // 2)) * 2
@@ -367,7 +374,7 @@ def block_check(model: Path, root: Path, block: int, grids: list[str], lrs: list
             for q in layers:
                 q.freeze_()
             after = val(blk)
-            print(f"| block {block} | {grid} | {init} | {lr:g} | {before:.3e} | {after:.3e} | "
+            print(f"| block {block} | {grid} | {init} | {lr:g} / {qlr:g} | {before:.3e} | {after:.3e} | "
                   f"{100 * (after / before - 1):+.1f} % |", flush=True)
 
 
@@ -379,24 +386,53 @@ def prepare(model: Path, root: Path, types: list[str]) -> None:
         print(gtype, torch_side(frugal_qat_gguf(model, root, gtype, "init"), root), flush=True)
 
 
-def run(model: Path, root: Path, cache: Path, types: list[str], trained: bool, with_transformers: bool = True) -> None:
+def frugal_qat_ppl(run_dir: Path, root: Path, n_windows: int = 40) -> float:
+    """frugal-qat's own perplexity of the run (its packed model through transformers, fp32) on the same held-out
+    windows as ``transformers_ppl``: the reference the GGUF file must match within 0.5 %."""
+    import torch
+
+    from frugal_qat.export.verify import reference_nll
+
+    windows = torch.load(root / "data" / "windows.pt")["heldout"][:n_windows]
+    nll, _ = reference_nll(run_dir, windows, torch.device("cpu"))
+    return math.exp(float(nll.mean()))
+
+
+def run(model: Path, root: Path, cache: Path, types: list[str], stages: list[str], llama: bool = True,
+        with_transformers: bool = True, transformers_all: bool = False, chunks: int = 40,
+        plain_llama: bool = True) -> None:
+    """Per type: llama.cpp's two rows first (minutes), then frugal-qat's ``stages`` (``init``, ``bap``, ``e2e``).
+    transformers' perplexity (and frugal-qat's own, for the 0.5 % check) is measured on the trained rows, and on
+    llama-quantize's and the init rows too with ``transformers_all`` (they cost as much again: 2 cores)."""
     bins = build(cache)
     root.mkdir(parents=True, exist_ok=True)
     prepare_data(model, root)
     f16 = fp16_gguf(model, root)
     tf = with_transformers
-    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf)
-    imatrix = llama_imatrix(bins, f16, root)
+    tf_other = tf and transformers_all
+    measure("fp16", f16, bins, root, "frugal-qat's GGUF writer, F16 linears", tf, chunks)
+    imatrix = llama_imatrix(bins, f16, root) if llama else None
+    notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
+             "bap": "frugal-qat Block-AP in the {t} grid (recipes/smollm2_135m_{t}.yaml)",
+             "e2e": "frugal-qat Block-AP + E2E-QP in the {t} grid (recipes/smollm2_135m_{t}.yaml)"}
     for gtype in types:
-        measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
-                f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf)
-        measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype, imatrix),
-                bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)", tf)
-        notes = {"init": "frugal-qat imatrix-weighted grid init, no training (block-ap --epochs 0)",
-                 "bap": f"frugal-qat Block-AP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)",
-                 "e2e": f"frugal-qat Block-AP + E2E-QP in the {gtype} grid (recipes/smollm2_135m_{gtype}.yaml)"}
-        for stage in ("init", "bap", "e2e") if trained else ("init",):
-            measure(f"fq_{gtype}_{stage}", frugal_qat_gguf(model, root, gtype, stage), bins, root, notes[stage], tf)
+        if llama:
+            measure(f"llama_{gtype}_imatrix", llama_quantize(bins, f16, root / f"llama_{gtype}_imatrix", gtype,
+                                                             imatrix),
+                    bins, root, f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]} --imatrix (calibration text)",
+                    tf_other, chunks)
+            if plain_llama:
+                measure(f"llama_{gtype}", llama_quantize(bins, f16, root / f"llama_{gtype}", gtype, None), bins, root,
+                        f"llama-quantize --pure {QUANTIZE_FTYPE[gtype]}", tf_other, chunks)
+        for stage in stages:
+            row = f"fq_{gtype}_{stage}"
+            tf_row = tf if stage in ("bap", "e2e") else tf_other
+            res = measure(row, frugal_qat_gguf(model, root, gtype, stage), bins, root,
+                          notes[stage].format(t=gtype), tf_row, chunks)
+            run_dir = root / "runs" / f"{gtype}_{stage}"
+            if tf_row and "ppl_frugal_qat" not in res and run_dir.is_dir():
+                res["ppl_frugal_qat"] = frugal_qat_ppl(run_dir, root, chunks)
+                (root / row / "result.json").write_text(json.dumps(res, indent=2))
     table(root)
 
 
@@ -410,16 +446,42 @@ def table(root: Path) -> None:
     order = {"fp16": 0}
     rows.sort(key=lambda r: (order.get(r["row"], 1), r["row"].split("_")[1] if "_" in r["row"] else "", r["row"]))
     print("| row | linears (types) | bits/w linears | weight err k-quant / fallback | file MB | ppl llama.cpp | "
-          "ppl transformers |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          "ppl transformers | ppl frugal-qat (transformers vs it) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
+            print(f"| {r['row']} | skipped: {r['skipped']} | | | | | | |")
             continue
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["linear_types"].items()))
         err = " / ".join(f"{r[k]:.4f}" for k in ("weight_rel_rmse_k-quant", "weight_rel_rmse_fallback") if k in r)
+        tf = f"{r['ppl_transformers']:.3f}" if "ppl_transformers" in r else "-"
         print(f"| {r['row']} | {types} | {r['bits_per_weight_linears']} | {err or '-'} | {r['file_mb']} | "
-              f"{_ppl_cell(r)} | {r['ppl_transformers']:.3f} |")
+              f"{_ppl_cell(r)} | {tf} | {_fq_cell(r)} |")
+    block_table(root)
+
+
+def block_table(root: Path) -> None:
+    """What Block-AP bought per block, from each Block-AP run's summary: validation MSE after training against the
+    grid initialisation on the same (quantized-stream) inputs, and the run's wall time."""
+    runs = sorted((root / "runs").glob("*_bap/summary.json")) if (root / "runs").is_dir() else []
+    if not runs:
+        return
+    print("\n| Block-AP run | wall s | val MSE trained / init, geometric mean over blocks | blocks worse than init | "
+          "last block: init -> trained |")
+    print("|---|---:|---:|---:|---|")
+    for path in runs:
+        s = json.loads(path.read_text())
+        ratios = [b["val_mse"][-1] / b["val_mse"][0] for b in s["blocks"]]
+        gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        last = s["blocks"][-1]["val_mse"]
+        print(f"| {path.parent.name} | {s['seconds']:.0f} | {gmean:.3f} | {sum(r > 1 for r in ratios)} / "
+              f"{len(ratios)} | {last[0]:.3e} -> {last[-1]:.3e} |")
+
+
+def _fq_cell(r: dict) -> str:
+    if "ppl_frugal_qat" not in r or "ppl_transformers" not in r:
+        return "-"
+    return f"{r['ppl_frugal_qat']:.3f} ({100 * (r['ppl_transformers'] / r['ppl_frugal_qat'] - 1):+.2f} %)"
 
 
 def _ppl_cell(r: dict) -> str:
@@ -437,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
-    r.add_argument("--no-trained", action="store_true", help="skip the frugal-qat Block-AP / E2E-QP rows")
+    r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
+    r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
+    r.add_argument("--no-plain-llama", action="store_true", help="skip llama-quantize's row without an imatrix")
+    r.add_argument("--chunks", type=int, default=40,
+                   help="held-out 512-token windows (the first N): llama-perplexity's chunks, transformers' windows")
+    r.add_argument("--transformers-all", action="store_true",
+                   help="transformers' perplexity of llama-quantize's and the init rows too (trained rows always)")
     r.add_argument("--no-transformers", action="store_true",
                    help="llama.cpp's measurements only (a later run without the flag adds transformers' perplexity)")
     pr = sub.add_parser("prepare", help="the rows that need no llama.cpp: data, fp16 file, frugal-qat grid rows")
@@ -449,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--root", type=Path, required=True)
     bl.add_argument("--block", type=int, default=3)
     bl.add_argument("--grids", default="q4_k,q3_k,q2_k")
-    bl.add_argument("--lrs", default="0,1e-4,1e-3")
+    bl.add_argument("--lrs", default="0,1e-4,1e-3", help="comma-separated; LR (weights and quantizer) or WLR:QLR")
+    bl.add_argument("--inits", default="unit,imatrix")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
@@ -457,11 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         build(args.cache, jobs=args.jobs)
     elif args.cmd == "block":
-        block_check(args.model, args.root, args.block, args.grids.split(","), [float(v) for v in args.lrs.split(",")])
+        lrs = [tuple(float(x) for x in (v.split(":") if ":" in v else (v, v))) for v in args.lrs.split(",")]
+        block_check(args.model, args.root, args.block, args.grids.split(","), lrs, tuple(args.inits.split(",")))
     elif args.cmd == "prepare":
         prepare(args.model, args.root, args.types.split(","))
     elif args.cmd == "run":
-        run(args.model, args.root, args.cache, args.types.split(","), not args.no_trained, not args.no_transformers)
+        run(args.model, args.root, args.cache, args.types.split(","), [s for s in args.stages.split(",") if s],
+            not args.no_llama, not args.no_transformers, args.transformers_all, args.chunks, not args.no_plain_llama)
     else:
         table(args.root)
     return 0
