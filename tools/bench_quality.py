@@ -122,7 +122,6 @@ GEMMA3_ROWS: list[Row] = [
     # every parameter by about lr per step, so 1e-3 is ~6x too large here (docs/QUALITY.md).
     Row("bap_w3_lr1e3", gemma3_recipe(3), {"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3},
         "the SmolLM2 lrs (1e-3)"),
-    Row("bap_w2_lr2e4", gemma3_recipe(2), {"block_ap.weight_lr": 2e-4, "block_ap.quant_lr": 2e-4}, "lr 2e-4"),
     Row("bap_w4_n32", gemma3_recipe(4), {"data.train_size": 32, "block_ap.weight_lr": 1e-4, "block_ap.quant_lr": 1e-4},
         "32 windows, lr 1e-4"),
 ]
