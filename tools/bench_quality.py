@@ -118,6 +118,12 @@ GEMMA3_ROWS: list[Row] = [
     *(Row(f"bap_w{bits}", gemma3_recipe(bits), note=f"recipes/{gemma3_recipe(bits).name}") for bits in (3, 2, 4)),
     *(Row(f"e2e_w{bits}", gemma3_recipe(bits), note=f"E2E-QP after bap_w{bits}", after=f"bap_w{bits}")
       for bits in (3, 2)),
+    # The SmolLM2 lrs, tried first: Gemma's weights and step sizes are ~6x smaller than SmolLM2's, and Adam moves
+    # every parameter by about lr per step, so 1e-3 is ~6x too large here (docs/QUALITY.md).
+    Row("bap_w3_lr1e3", gemma3_recipe(3), {"block_ap.weight_lr": 1e-3, "block_ap.quant_lr": 1e-3},
+        "the SmolLM2 lrs (1e-3)"),
+    # SmolLM2's w4 recipe: 8x the windows (~1 h here; not run yet)
+    Row("bap_w4_n256", gemma3_recipe(4), {"data.train_size": 256}, "8x the windows"),
 ]
 
 
