@@ -97,7 +97,9 @@ def table(root: Path) -> str:
     for path in sorted((root / "results").glob("w*.json"), key=lambda p: (-int(p.name[1]), p.name)):
         r = json.loads(path.read_text())
         if "refused" in r:
-            rows.append(f"| {r['name']} | export refused: {r['refused'][:90]}... | | | | | |")
+            fmt = next(f for f in FORMATS if r["name"].endswith("-" + f)).replace("-v1", " v1")
+            bits = _bits_cell(r) if "bits" in r else r["name"].split("-")[0]
+            rows.append(f"| {bits} | {fmt} | | export refused: `{r['refused'].split(';')[0]}` | | | | |")
             continue
         for x in r["loaders"]:
             head = f"| {_bits_cell(r)} | {r['format']}{' v1' if r['zero_point'] == 'v1' else ''} | {x['loader']} | "
