@@ -9,7 +9,8 @@ x (defaults, recommended), held-out perplexity against frugal-qat's own.
 ``PYTHONPATH`` points at a folder holding the loaders that are not project dependencies (gptqmodel, auto-round:
 docs/EXPORT.md says how to install them without touching torch); a loader whose library is missing is reported
 as skipped. Per bit width: the run is the demo recipe's Block-AP (``frugal-qat block-ap --recipe
-recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``); frugal-qat's perplexity is its own forward (the
+recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``; with ``--epochs N`` the same with N epochs, 0 =
+round-to-nearest, under ``ROOT/run_wB-eN``); frugal-qat's perplexity is its own forward (the
 run as a transformers model in fp32, equal to the streamed ``ppl`` path: tests/export/test_hf_model.py) on the
 held-out Python tutorial (``--windows`` x 512 tokens of ``demo-heldout``), and every loader is scored on the same
 windows through ``frugal_qat.export.verify.check_loaders``, the code the export's own verification runs (plus
