@@ -9,7 +9,8 @@ x (defaults, recommended), held-out perplexity against frugal-qat's own.
 ``PYTHONPATH`` points at a folder holding the loaders that are not project dependencies (gptqmodel, auto-round:
 docs/EXPORT.md says how to install them without touching torch); a loader whose library is missing is reported
 as skipped. Per bit width: the run is the demo recipe's Block-AP (``frugal-qat block-ap --recipe
-recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``); frugal-qat's perplexity is its own forward (the
+recipes/demo.yaml --wbits B``, made once under ``ROOT/run_wB``; with ``--epochs N`` the same with N epochs, 0 =
+round-to-nearest, under ``ROOT/run_wB-eN``); frugal-qat's perplexity is its own forward (the
 run as a transformers model in fp32, equal to the streamed ``ppl`` path: tests/export/test_hf_model.py) on the
 held-out Python tutorial (``--windows`` x 512 tokens of ``demo-heldout``), and every loader is scored on the same
 windows through ``frugal_qat.export.verify.check_loaders``, the code the export's own verification runs (plus
@@ -37,12 +38,14 @@ TOLERANCE = 0.005
 PACKAGES = ("torch", "transformers", "optimum", "gptqmodel", "compressed-tensors", "auto-round")
 
 
-def make_run(model: Path, run: Path, bits: int) -> None:
+def make_run(model: Path, run: Path, bits: int, epochs: int | None) -> None:
     if (run / "manifest.json").is_file() and json.loads((run / "manifest.json").read_text())["progress"]["stage"] \
             == "done":
         return
     cmd = [sys.executable, "-m", "frugal_qat", "block-ap", "--model", str(model), "--out", str(run),
-           "--recipe", str(REPO / "recipes" / "demo.yaml"), "--wbits", str(bits), "--device", "cpu", "--io", "mmap"]
+           "--recipe", str(REPO / "recipes" / "demo.yaml"), "--wbits", str(bits), "--device", "cpu", "--io", "buffered"]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -67,26 +70,27 @@ def autoround_loader():
                   ("auto-round",), label="AutoRound")
 
 
-def bench_one(run: Path, root: Path, bits: int, fmt: str, zp: str, windows: torch.Tensor, reference) -> dict:
+def bench_one(run: Path, root: Path, bits: int, epochs: int | None, fmt: str, zp: str, windows: torch.Tensor,
+              reference) -> dict:
     from frugal_qat.errors import ConfigError
     from frugal_qat.export import export_run
     from frugal_qat.export.loaders import loaders_for
     from frugal_qat.export.verify import check_loaders
     from frugal_qat.offload.weights import read_config
 
-    name = f"w{bits}-{fmt}" + ("-v1" if zp == "v1" else "")
+    name = f"{run_tag(bits, epochs)}-{fmt}" + ("-v1" if zp == "v1" else "")
     out = root / "exports" / name
     t0 = time.time()
     try:
         rep = export_run(run, fmt, out, verify=False, zero_point=zp)
     except ConfigError as e:  # v1 cannot hold a zero point of 0
-        return {"name": name, "refused": str(e)}
+        return {"name": name, "bits": bits, "epochs": epochs, "refused": str(e)}
     device = torch.device("cpu")
     loaders = loaders_for(fmt, read_config(out).get("quantization_config"), rep["dtype"], device)
     if fmt == "gptq":
         loaders.append(autoround_loader())
     res = check_loaders(run, out, fmt, windows, rep["dtype"], device, TOLERANCE, loaders=loaders, reference=reference)
-    return {"name": name, "bits": bits, "format": fmt, "zero_point": zp, "seconds": round(time.time() - t0, 1), **res}
+    return {"name": name, "bits": bits, "epochs": epochs, "format": fmt, "zero_point": zp, "seconds": round(time.time() - t0, 1), **res}
 
 
 def table(root: Path) -> str:
@@ -94,10 +98,12 @@ def table(root: Path) -> str:
     for path in sorted((root / "results").glob("w*.json"), key=lambda p: (-int(p.name[1]), p.name)):
         r = json.loads(path.read_text())
         if "refused" in r:
-            rows.append(f"| {r['name']} | export refused: {r['refused'][:90]}... | | | | | |")
+            fmt = next(f for f in FORMATS if r["name"].endswith("-" + f)).replace("-v1", " v1")
+            bits = _bits_cell(r) if "bits" in r else r["name"].split("-")[0]
+            rows.append(f"| {bits} | {fmt} | | export refused: `{r['refused'].split(';')[0]}` | | | | |")
             continue
         for x in r["loaders"]:
-            head = f"| w{r['bits']} | {r['format']}{' v1' if r['zero_point'] == 'v1' else ''} | {x['loader']} | "
+            head = f"| {_bits_cell(r)} | {r['format']}{' v1' if r['zero_point'] == 'v1' else ''} | {x['loader']} | "
             if x["status"] in ("skipped", "fails"):
                 why = x.get("reason") or x.get("error", "")
                 rows.append(head + f"`{x['call']}` | | {x['status']}: {why[:110]} | | |")
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--windows", type=int, default=4, help="held-out windows of 512 tokens")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="Block-AP epochs per block instead of the recipe's 2 (0 = round-to-nearest: the loaders' "
+                        "agreement with frugal-qat does not depend on training; the run goes to ROOT/run_wB-eN)")
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="in this order")
     p.add_argument("--table", action="store_true", help="print the table from stored results and exit")
     args = p.parse_args(argv)
@@ -127,23 +136,36 @@ def main(argv: list[str] | None = None) -> int:
 
         (args.root / "results").mkdir(parents=True, exist_ok=True)
         for bits in args.bits:
-            run = args.root / f"run_w{bits}"
-            make_run(args.model, run, bits)
+            tag = run_tag(bits, args.epochs)
+            run = args.root / f"run_{tag}"
+            make_run(args.model, run, bits, args.epochs)
             windows = heldout_windows(run, args.windows, 512)
             reference = None  # frugal-qat's own NLL, once per bit width
             for fmt, zp in (FORMATS[f] for f in args.formats):
-                dest = args.root / "results" / f"w{bits}-{fmt}{'-v1' if zp == 'v1' else ''}.json"
+                dest = args.root / "results" / f"{tag}-{fmt}{'-v1' if zp == 'v1' else ''}.json"
                 if dest.is_file():
                     continue
                 if reference is None:
                     reference = reference_nll(run, windows, torch.device("cpu"))
-                res = bench_one(run, args.root, bits, fmt, zp, windows, reference)
+                res = bench_one(run, args.root, bits, args.epochs, fmt, zp, windows, reference)
                 dest.write_text(json.dumps(res, indent=2) + "\n")
-                print(f"w{bits} {fmt} {zp}: done", flush=True)
+                print(f"{tag} {fmt} {zp}: done", flush=True)
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
     print(f"versions: {versions}\n")
     print(table(args.root))
     return 0
+
+
+def run_tag(bits: int, epochs: int | None) -> str:
+    """``w4`` for the recipe's training, ``w4-e0`` for a run with ``--epochs 0`` (kept apart: not the same run)."""
+    return f"w{bits}" if epochs is None else f"w{bits}-e{epochs}"
+
+
+def _bits_cell(r: dict) -> str:
+    epochs = r.get("epochs")
+    extra = "" if epochs is None else (" RTN" if epochs == 0 else f" {epochs} ep")
+    n = r.get("windows", [None])[0]
+    return f"w{r['bits']}{extra}" + ("" if n is None else f" ({n}x512)")
 
 
 def _version(pkg: str) -> str:
