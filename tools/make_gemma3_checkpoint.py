@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -57,7 +56,7 @@ def convert(out_dir: Path, overwrite: bool = False) -> dict:
     marker written last: source, dtype and the largest fp32 -> fp16 change of any weight."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from frugal_qat.data.demo import gguf_to_fp16_checkpoint
+    from frugal_qat.data.demo import commit_checkpoint, gguf_to_fp16_checkpoint
 
     if (out_dir / COMPLETE_MARKER).is_file() and not overwrite:
         log.info("%s is already complete", out_dir)
@@ -74,10 +73,7 @@ def convert(out_dir: Path, overwrite: bool = False) -> dict:
             source = {"file": gguf.name, "bytes": gguf.stat().st_size}
             worst = gguf_to_fp16_checkpoint(gguf, tmp, Gemma3ForCausalLM, Gemma3TextConfig)
         marker = {"source": source, "dtype": "float16", "max_relative_fp16_rounding": worst}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        commit_checkpoint(tmp, out_dir, marker, COMPLETE_MARKER)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return marker

@@ -80,6 +80,16 @@ def gguf_to_fp16_checkpoint(gguf: Path, out: Path, model_cls, config_cls) -> flo
     return worst
 
 
+def commit_checkpoint(staged: Path, out_dir: Path, marker: dict, marker_name: str = COMPLETE_MARKER) -> None:
+    """Finish a conversion staged in ``staged``: the completion marker ``marker_name`` written last, then the folder
+    renamed to ``out_dir`` (an incomplete ``out_dir`` replaced), so ``out_dir`` holding the marker means a whole
+    checkpoint."""
+    (staged / marker_name).write_text(json.dumps(marker, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staged, out_dir)
+
+
 def make_smollm2_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
     """Convert the SmolLM2 GGUF into an fp16 Hugging Face checkpoint in ``out_dir`` and return ``out_dir``.
 
@@ -108,11 +118,8 @@ def make_smollm2_checkpoint(out_dir: Path, overwrite: bool = False) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         gguf_to_fp16_checkpoint(gguf, tmp, LlamaForCausalLM, LlamaConfig)
-        marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "dtype": "float16"}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        commit_checkpoint(tmp, out_dir, {"source": str(gguf), "source_bytes": gguf.stat().st_size,
+                                         "dtype": "float16"})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("demo checkpoint written to %s", out_dir)
