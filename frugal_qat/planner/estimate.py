@@ -675,11 +675,11 @@ def _check_groups(shape: ModelShape, group_size: int) -> None:
             )
 
 
-def _cast_cache(compute_bytes: int, linear_params: int, largest: int) -> int:
+def _cast_cache(compute_bytes: int, largest: int) -> int:
     """Bytes of the 16-bit weight copies a no-grad forward of a block holds under autocast. Autocast caches its cast
     of every leaf tensor that requires grad until the region ends (``c*Pl`` for a fresh block); the runs wrap these
     forwards in ``precision.frozen`` so no weight requires grad, and each cast lives only while its matmul runs
-    (``c*Wmax``, the largest). Without autocast (fp32) there is none. ``linear_params`` is kept for the note."""
+    (``c*Wmax``, the largest). Without autocast (fp32) there is none."""
     return compute_bytes * largest if compute_bytes < 4 else 0
 
 
@@ -776,7 +776,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("stream update forward transients", T * forward_bytes_per_token(shape, max(cn, prec.teacher_bytes), 4),
               f"T*({max(cn, prec.teacher_bytes)}*3*I + 4*2*H): the layer's forward activations (no grad; the fp "
               "update in the teacher's dtype)", update),
-        _term("autocast's cast of one weight (fp update)", _cast_cache(cn, Pl, Wmax),
+        _term("autocast's cast of one weight (fp update)", _cast_cache(cn, Wmax),
               _cast_cache_note(cn), update),
         _term("nn.Linear weights until wrap_linears returns", 4 * P, "4*P: replaced, freed at the end of the wrap",
               wrap),
@@ -805,7 +805,7 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         ]
     dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
     if s.deterministic:
-        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Pl - mlp, Wmax),
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Wmax),
                          _cast_cache_note(cn), "stream attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
                          "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
@@ -981,14 +981,13 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("micro-batch hidden states (fp32 in)", T * H * 4, "T*H*4", "blocks", *attention),
         _term("layer forward transients (no grad)", T * forward_bytes_per_token(shape, cn, 4),
               f"T*({cn}*3*I + 4*2*H): activations", "blocks"),
-        _term("autocast's cast of one weight", _cast_cache(cn, shape.block_linear_params, Wmax),
+        _term("autocast's cast of one weight", _cast_cache(cn, Wmax),
               _cast_cache_note(cn), "blocks"),
         _term("lm_head (fp32) + one window", V * H * 4 + 2 * L * H * 4, "V*H*4 + 2*L*H*4", "head"),
         _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
     if s.deterministic:
-        attn = sum(lin.numel for lin in shape.linears if not lin.name.startswith("mlp."))
-        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, attn, Wmax),
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Wmax),
                          _cast_cache_note(cn), "attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
                                                                                           False),
