@@ -10,8 +10,10 @@ Where a run is comes from its stage log: with ``FRUGAL_QAT_STAGE_FILE`` set, eve
 events, with how long each lasted. Each kill aims at an event not before the last one seen (so it lands in work
 the run still has to do), within a stride that spreads the kills left over the rest of the run: the first event
 there of a stage no kill has landed in yet, else a random one; it fires a random delay after that event appears,
-drawn within the event's duration in the uninterrupted run (capped by ``max_delay``), so short stages are hit too. Every choice comes from ``random.Random(seed)`` and is printed, so a failing
-sequence can be replayed. The report says which stage each kill landed in.
+drawn within half the event's duration in the uninterrupted run (capped by ``max_delay``), so short stages are hit
+too; a stage a kill aimed at but overshot (the process had already moved on) is aimed at with no delay next time,
+so a loaded machine cannot make a short stage unhittable. Every choice comes from ``random.Random(seed)`` and is
+printed, so a failing sequence can be replayed. The report says which stage each kill landed in.
 """
 
 from __future__ import annotations
@@ -110,26 +112,38 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
     seconds = getattr(events, "seconds", {})
     rng = random.Random(seed)
     report = ChaosReport(seed)
-    events = [e for e in events if not e.endswith("/-")]  # a block's first line, before its first stage
-    uncovered = {stage_of(e) for e in events}
-    position = 0  # index in `events` of the furthest event seen so far
+    timeline = list(events)  # every line, a block's first ("0/-") included: where a run is
+    targets = [i for i, e in enumerate(timeline) if not e.endswith("/-")]  # kills aim at stages, not block starts
+    uncovered = {stage_of(timeline[i]) for i in targets}
+    overshot: set[str] = set()  # uncovered stages a delayed kill went past: aim at them with no delay
+    position = 0  # index in `timeline` of the furthest event seen so far
     with tempfile.TemporaryDirectory(prefix="frugal-chaos-") as d:
         stage_file = Path(d) / "stages"
         for attempt in range(kills):
-            later = events[position:] or events[-1:]
+            later = [i for i in targets if i >= position] or targets[-1:]
             stride = max(1, len(later) // max(1, kills - attempt))  # the kills left, spread over what is left
             window = later[: stride + 1]
-            wanted = [e for e in window if stage_of(e) in uncovered]
-            target = wanted[0] if wanted else window[rng.randrange(min(1, len(window) - 1), len(window))]
-            delay = rng.uniform(0, min(max_delay, seconds.get(target, max_delay)))
+            wanted = [i for i in window if stage_of(timeline[i]) in uncovered]
+            index = wanted[0] if wanted else window[rng.randrange(min(1, len(window) - 1), len(window))]
+            target = timeline[index]
+            # a resumed run may start beyond the target (it was finished before the last kill): any event only
+            # found after the target means the target will not come, so the kill fires at once
+            beyond = set(timeline[index + 1:]) - set(timeline[: index + 1])
+            delay = rng.uniform(0, min(max_delay, seconds.get(target, max_delay)) / 2)
+            if stage_of(target) in overshot:
+                delay = 0.0
             stage_file.unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, env={**env, "FRUGAL_QAT_STAGE_FILE": str(stage_file)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + timeout
-            while proc.poll() is None and target not in _events(stage_file) and time.monotonic() < deadline:
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen = _events(stage_file)
+                if target in seen or beyond.intersection(seen):
+                    break
                 time.sleep(0.005)
             if proc.poll() is None:
-                time.sleep(delay)
+                if target in seen:
+                    time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
             _, err = proc.communicate()
             seen = _events(stage_file)
@@ -143,8 +157,10 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
                 report.completed = proc.returncode == 0
                 return report
             uncovered.discard(stage_of(landed))
-            if landed in events[position:]:
-                position = events.index(landed, position)
+            if stage_of(target) in uncovered:
+                overshot.add(stage_of(target))
+            if landed in timeline[position:]:
+                position = timeline.index(landed, position)
         report.final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         report.completed = report.final.returncode == 0
     return report
