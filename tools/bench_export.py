@@ -3,7 +3,7 @@ x (defaults, recommended), held-out perplexity against frugal-qat's own.
 
     python tools/make_smollm2_checkpoint.py --out /tmp/xb/smollm2                       # once
     PYTHONPATH=/tmp/xb/site FRUGAL_QAT_CACHE=/tmp/xb/cache \\
-        flock /work/notes/bench.lock python tools/bench_export.py --model /tmp/xb/smollm2 --root /tmp/xb/bench
+        python tools/bench_export.py --model /tmp/xb/smollm2 --root /tmp/xb/bench
     python tools/bench_export.py --root /tmp/xb/bench --table                           # the table again
 
 ``PYTHONPATH`` points at a folder holding the loaders that are not project dependencies (gptqmodel, auto-round:

@@ -9,8 +9,9 @@
 ``build``: downloads llama-cpp-python's source distribution from PyPI (``pip download --no-deps --no-binary
 :all: llama-cpp-python==VERSION``; it vendors the whole llama.cpp tree), configures a CPU-only static build and
 compiles only the tools used here with ``-j 2`` (a wider build can run out of memory), into ``--cache``
-(default ``/work/cache/llama.cpp``). Under ``flock /work/notes/bench.lock`` like every heavy job on the shared
-machine. Idempotent: it stops at once when the tools are there.
+(default ``llama.cpp`` in frugal-qat's cache folder: ``$FRUGAL_QAT_CACHE``, else ``~/.cache/frugal_qat``). With
+``FRUGAL_QAT_BENCH_LOCK=FILE`` every heavy step runs under ``flock FILE`` (for a machine shared by several
+benchmarks; unset, nothing is locked). Idempotent: it stops at once when the tools are there.
 
 ``run``: for each type, these rows (one ``ROOT/ROW/result.json`` each; a row whose result exists is skipped, so
 the benchmark resumes after a kill):
@@ -55,7 +56,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LOCK = Path("/work/notes/bench.lock")
 LLAMA_CPP_PYTHON = "0.3.36"  # vendors llama.cpp; the version the table was measured with
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion", "llama-tokenize")
 QUANTIZE_FTYPE = {"q4_k": "Q4_K_S", "q3_k": "Q3_K_S", "q2_k": "Q2_K"}  # with --pure: every linear in that type
@@ -95,11 +95,12 @@ def build(cache: Path, version: str = LLAMA_CPP_PYTHON, jobs: int = 2) -> Path:
 
 
 def _locked(cmd: list[str]) -> list[str]:
-    """``cmd`` under the shared benchmark lock, unless this process already runs under it
-    (``flock /work/notes/bench.lock env BENCH_LOCK_HELD=1 python tools/bench_gguf.py run ...``)."""
-    if os.environ.get("BENCH_LOCK_HELD") or not LOCK.parent.is_dir():
+    """``cmd`` under ``flock $FRUGAL_QAT_BENCH_LOCK`` when that is set, unless this process already runs under it
+    (``flock LOCK env BENCH_LOCK_HELD=1 python tools/bench_gguf.py run ...``)."""
+    lock = os.environ.get("FRUGAL_QAT_BENCH_LOCK")
+    if not lock or os.environ.get("BENCH_LOCK_HELD"):
         return cmd
-    return ["flock", str(LOCK), *cmd]
+    return ["flock", lock, *cmd]
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -492,12 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
-    b.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
+    b.add_argument("--cache", type=Path, default=None,
+                   help="llama.cpp build folder (default: llama.cpp in frugal-qat's cache folder)")
     b.add_argument("--jobs", type=int, default=2)
     r = sub.add_parser("run")
     r.add_argument("--model", type=Path, required=True)
     r.add_argument("--root", type=Path, required=True)
-    r.add_argument("--cache", type=Path, default=Path("/work/cache/llama.cpp"))
+    r.add_argument("--cache", type=Path, default=None,
+                   help="llama.cpp build folder (default: llama.cpp in frugal-qat's cache folder)")
     r.add_argument("--types", default="q4_k,q3_k,q2_k")
     r.add_argument("--stages", default="init,bap,e2e", help="frugal-qat rows: init, bap (Block-AP), e2e (+ E2E-QP)")
     r.add_argument("--no-llama", action="store_true", help="skip llama-quantize's rows")
@@ -522,6 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, required=True)
     args = p.parse_args(argv)
+    if getattr(args, "cache", "unset") is None:
+        from frugal_qat.cli.main import cache_dir
+
+        args.cache = cache_dir() / "llama.cpp"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "build":
         build(args.cache, jobs=args.jobs)
