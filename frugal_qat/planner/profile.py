@@ -74,8 +74,9 @@ def return_large_frees_to_os() -> bool:
     the tile temporaries of the packed matmul and the activations of a step come from the heap, which they fragment,
     and the freed pages stay resident. SmolLM2 E2E-QP (3 steps, one thread) peaked at 1.65-1.73 GB RSS with the
     default and at 1.09 GB with the threshold fixed at 1 MiB, in the same CPU time (51-55 s; 16 MiB: 1.65 GB again);
-    docs/PERFORMANCE.md. Results are unchanged: only where freed memory goes. Nothing is done when the user set
-    ``MALLOC_MMAP_THRESHOLD_`` or off glibc. Returns whether the threshold was set.
+    docs/PERFORMANCE.md. Results are unchanged: only where freed memory goes. Blocks over 32 MiB (a 64 MiB stream
+    chunk) are mapped either way, so the extra page faults fall on 1-32 MiB temporaries. Nothing is done when the
+    user set ``MALLOC_MMAP_THRESHOLD_`` or off glibc. Returns whether the threshold was set.
     """
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
