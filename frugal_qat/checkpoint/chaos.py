@@ -12,7 +12,8 @@ the run still has to do), within a stride that spreads the kills left over the r
 there of a stage no kill has landed in yet, else a random one; it fires a random delay after that event appears,
 drawn within half the event's duration in the uninterrupted run (capped by ``max_delay``), so short stages are hit
 too; a stage a kill aimed at but overshot (the process had already moved on) is aimed at with no delay next time,
-so a loaded machine cannot make a short stage unhittable. Every choice comes from ``random.Random(seed)`` and is
+and so is the last occurrence of a stage not hit yet (embed and finalize happen once), so a loaded machine cannot
+make a short stage unhittable. Every choice comes from ``random.Random(seed)`` and is
 printed, so a failing sequence can be replayed. The report says which stage each kill landed in.
 """
 
@@ -130,8 +131,9 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
             # found after the target means the target will not come, so the kill fires at once
             beyond = set(timeline[index + 1:]) - set(timeline[: index + 1])
             delay = rng.uniform(0, min(max_delay, seconds.get(target, max_delay)) / 2)
-            if stage_of(target) in overshot:
-                delay = 0.0
+            later_same = any(stage_of(timeline[k]) == stage_of(target) for k in targets if k > index)
+            if stage_of(target) in overshot or (stage_of(target) in uncovered and not later_same):
+                delay = 0.0  # missed once already, or its last occurrence (embed, finalize): no delay to outlive it
             stage_file.unlink(missing_ok=True)
             proc = subprocess.Popen(cmd, env={**env, "FRUGAL_QAT_STAGE_FILE": str(stage_file)},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -140,7 +142,7 @@ def chaos(cmd: list[str], env: dict[str, str], events: list[str], *, kills: int,
                 seen = _events(stage_file)
                 if target in seen or beyond.intersection(seen):
                     break
-                time.sleep(0.005)
+                time.sleep(0.002)
             if proc.poll() is None:
                 if target in seen:
                     time.sleep(delay)
