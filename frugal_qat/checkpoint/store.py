@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -23,6 +24,9 @@ from safetensors.torch import load_file, save_file
 from frugal_qat.errors import CorruptCheckpoint, OutOfSpace
 
 _TMP_SUFFIX = ".tmp-partial"
+# safetensors >= 0.7 writes through its own temporary file beside the target (Rust's tempfile crate: ".tmp" and six
+# random letters or digits) and renames it; a SIGKILL between the two leaves that file behind, ours never sees it.
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def kill_point(name: str) -> None:
@@ -167,6 +171,13 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def remove_partials(directory: Path) -> None:
-    """Temporary files left by a kill mid-write carry no progress; drop them on resume."""
+    """Temporary files left by a kill mid-write carry no progress; drop them on resume.
+
+    Ours end in ``.tmp-partial``; safetensors' own (see ``_SAFETENSORS_TMP``) can be as large as a block checkpoint.
+    Called when a run resumes: a run directory has one writer, so no live write's temporary file is in it.
+    """
+    for p in Path(directory).rglob(".tmp*"):
+        if p.is_file() and _SAFETENSORS_TMP.fullmatch(p.name):
+            p.unlink(missing_ok=True)
     for p in Path(directory).rglob("*" + _TMP_SUFFIX):
         p.unlink(missing_ok=True)

@@ -61,3 +61,32 @@ def test_other_safetensors_errors_pass_through_and_leave_no_partial(tmp_path, mo
     with pytest.raises(RuntimeError, match="some other failure"):
         atomic_save_tensors(tmp_path / "x.safetensors", {"w": torch.ones(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kill_inside_safetensors_leaves_its_temporary_file_and_resume_drops_it(tmp_path):
+    # safetensors writes through a temporary file of its own beside the target; a SIGKILL while it writes leaves
+    # that file behind (a CI chaos run found one in a finished run directory). The kill here is real, so a change
+    # of safetensors' naming makes this test fail rather than leave big files in run directories.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, torch; from frugal_qat.checkpoint.store import atomic_save_tensors\n"
+            "atomic_save_tensors(sys.argv[1], {'w': torch.zeros(1 << 29, dtype=torch.uint8)})\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.tmp.json").write_text("{}")  # not a temporary file of either kind
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run / "block.safetensors")])
+    deadline = time.monotonic() + 120
+    try:
+        while not [p for p in run.iterdir() if p.name.startswith(".tmp")]:
+            assert proc.poll() is None and time.monotonic() < deadline, "safetensors wrote no temporary file"
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = sorted(p.name for p in run.iterdir())
+    assert any(store._SAFETENSORS_TMP.fullmatch(n) for n in left), left
+    store.remove_partials(run)
+    assert sorted(p.name for p in run.iterdir()) == ["keep.tmp.json"]
