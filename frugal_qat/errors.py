@@ -29,6 +29,10 @@ class ResumeMismatch(FrugalQATError):
     """An existing run directory was made with other settings, model or data."""
 
 
+class RunInUse(FrugalQATError):
+    """Another frugal-qat command is writing (or reading) the same run directory."""
+
+
 class OutOfSpace(FrugalQATError):
     """Not enough disk (or memory) for the run."""
 

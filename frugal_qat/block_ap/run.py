@@ -36,7 +36,9 @@ from frugal_qat.block_ap.train_block import (
     wrap_linears,
 )
 from frugal_qat.checkpoint.run_dir import (
+    clear_dir,
     extra_tensors,
+    hold_run_dir,
     is_run_dir,
     model_bytes,
     save_block,
@@ -189,7 +191,7 @@ def open_run(out: Path, cfg: RunConfig, src: ModelSource, windows: torch.Tensor,
     ``streams``: the activation streams' layout of a new run (spare rows, bases, dtype), kept in the manifest."""
     if is_run_dir(out) and restart:
         log.warning("--restart: deleting the previous run in %s", out)
-        shutil.rmtree(out)
+        clear_dir(out)
     m = existing_run(out, cfg, src, data_fp)
     if m is not None:
         harmless = diff_settings(m.config.get("offload", {}), cfg.to_dict()["offload"], "offload.")
@@ -282,15 +284,26 @@ def run_block_ap(
 
     ``mark(kind, value)`` is told where the run is (``"block", i`` and ``"stage", name``; value None closes the
     kind): :class:`frugal_qat.planner.profile.Profiler.mark` splits its memory timeline there (``--profile``).
+
+    ``out`` is held for the whole run (:func:`frugal_qat.checkpoint.run_dir.hold_run_dir`): a second command on it
+    is refused while this one runs.
     """
+    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
+    check_paths(model_dir, out)  # before the hold creates ``out``: nothing is ever written into the source
+    with hold_run_dir(out, exclusive=True, enabled=rank_world()[0] == 0):
+        return _run(model_dir, out, cfg, windows, restart=restart, keep_work=keep_work, should_stop=should_stop,
+                    show_progress=show_progress, mark=mark)
+
+
+def _run(model_dir: Path, out: Path, cfg: RunConfig, windows: torch.Tensor, *, restart: bool, keep_work: bool,
+         should_stop: Callable[[], bool], show_progress: bool, mark: Mark) -> dict:
+    """:func:`run_block_ap` once its paths are checked and ``out`` is held."""
     from frugal_qat.data.windows import fingerprint_windows
 
     t_start = time.time()
-    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     q, d, b = cfg.quant, cfg.data, cfg.block_ap
 
     # 1. Validate everything that can be validated before a byte is written.
-    check_paths(model_dir, out)
     src = ModelSource(model_dir, seqlen=d.seqlen)
     gguf_types = check_layers(src, cfg)
     if tuple(windows.shape) != (d.train_size + d.val_size, d.seqlen):

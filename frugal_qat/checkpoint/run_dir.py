@@ -16,8 +16,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ import torch
 
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
 from frugal_qat.checkpoint.store import atomic_copy, atomic_save_tensors, atomic_write_json
+from frugal_qat.errors import RunInUse
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +128,68 @@ def read_quant_config(model_dir: Path) -> dict[str, Any] | None:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     q = cfg.get("quantization_config")
     return q if q and q.get("quant_method") == "frugal_qat" else None
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """Pids holding a flock on ``path`` (Linux's /proc/locks names them by device and inode); [] where unknown."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == key and f[4].isdigit():
+            pids.append(int(f[4]))
+    return sorted(set(pids))
+
+
+@contextlib.contextmanager
+def hold_run_dir(path: Path, *, exclusive: bool, enabled: bool = True) -> Iterator[None]:
+    """Hold ``path`` against other frugal-qat commands for the body: exclusive to write it (Block-AP into its
+    run, E2E-QP into its output), shared to read it (E2E-QP and export read a finished run). Two writers, or a
+    writer and a reader, refuse with :class:`RunInUse` naming the other process; the second command never
+    touches the files (two runs in one directory would corrupt each other's streams and checkpoints).
+
+    An exclusive hold creates ``path`` if needed and removes it again if the body left it empty (a run refused
+    by its checks leaves no folder behind). The lock is ``flock`` on the directory itself: the kernel drops it
+    when the process dies, so a killed run never leaves a stale lock and resumes at once. The directory is
+    therefore cleared, never deleted, while held (:func:`clear_dir`): a new directory would carry no lock.
+    ``enabled`` False (ranks other than 0, which never write the run) holds nothing.
+    """
+    if not enabled:
+        yield
+        return
+    path = Path(path)
+    created = exclusive and not path.exists()
+    if exclusive:
+        path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pids = [p for p in _lock_holders(path) if p != os.getpid()]
+            who = f" (pid {', '.join(map(str, pids))})" if pids else ""
+            raise RunInUse(
+                f"{path} is in use by another frugal-qat command{who}; wait for it to finish or stop it (Ctrl-C, or "
+                f"kill: the run resumes where it stopped), then run this command again"
+            ) from None
+        try:
+            yield
+        finally:
+            if created and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    finally:
+        os.close(fd)
+
+
+def clear_dir(path: Path) -> None:
+    """Delete everything inside ``path`` but the directory itself, which may be held (:func:`hold_run_dir`)."""
+    for child in Path(path).iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

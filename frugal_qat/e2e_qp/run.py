@@ -32,6 +32,8 @@ from frugal_qat.checkpoint.run_dir import (
     EXTRA_FILE,
     INDEX_FILE,
     TOKENIZER_FILES,
+    clear_dir,
+    hold_run_dir,
     model_bytes,
     read_quant_config,
     save_block,
@@ -351,22 +353,34 @@ def run_e2e_qp(
     batch is the single-process one; rank 0 alone writes ``out``; the resolved config is in
     ``out/deepspeed_config.json``. ``mark``: where the run is, for the profiler (as in
     :func:`frugal_qat.block_ap.run.run_block_ap`): stages "build model", "step k", "write".
+
+    ``out`` is held for the run and ``run_dir`` shared (:func:`frugal_qat.checkpoint.run_dir.hold_run_dir`): a
+    second command writing either is refused while this one runs.
     """
-    t_start = time.time()
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    e = cfg.e2e_qp
     ds_config = None if ds_config is False else ds_config
     rank, world = init_from_env(required=True) if ds_config is not None else (0, 1)
+    if out == run_dir:
+        raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
+    with hold_run_dir(run_dir, exclusive=False, enabled=rank == 0), hold_run_dir(out, exclusive=True, enabled=rank == 0):
+        return _run(run_dir, out, cfg, data, device=device, restart=restart, should_stop=should_stop,
+                    show_progress=show_progress, ds_config=ds_config, rank=rank, world=world, mark=mark)
+
+
+def _run(run_dir: Path, out: Path, cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, device: torch.device,
+         restart: bool, should_stop: Callable[[], bool], show_progress: bool, ds_config: str | Path | dict | bool | None,
+         rank: int, world: int, mark: Mark) -> dict:
+    """:func:`run_e2e_qp` once its paths are checked and held."""
+    t_start = time.time()
+    e = cfg.e2e_qp
     check_launch()
     device = local_device(device)
     should_stop = agreed(should_stop)
     ds_cfg = None
     if ds_config is not None:
         ds_cfg = resolve_ds_config(None if ds_config is True else ds_config, cfg, world, device.type)
-    if out == run_dir:
-        raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
     ids, labels = data
     input_src = ModelSource(run_dir)
     grid = (input_src.quant or {}).get("gguf")
@@ -422,7 +436,7 @@ def run_e2e_qp(
     # Open or resume the output run (the same checks as Block-AP: other settings or data are refused).
     def open_out() -> Manifest:
         if (out / "manifest.json").is_file() and restart:
-            shutil.rmtree(out)
+            clear_dir(out)
         m = same_run()
         if m is not None:
             remove_partials(out)

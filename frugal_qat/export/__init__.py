@@ -56,7 +56,7 @@ import torch
 
 from frugal_qat import __version__
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
-from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES
+from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES, clear_dir, hold_run_dir
 from frugal_qat.checkpoint.store import (
     atomic_save_tensors,
     atomic_write_bytes,
@@ -155,81 +155,83 @@ def export_run(
         if verify else None,
     }
     stage = out.parent / f".{out.name}.partial"
-    done = completed_file(out, request) if single else completed_report(out, request)
-    if done is not None:
-        log.info("export already complete in %s (made by the same command); nothing to do", out)
-        if single and stage.exists():  # a kill after the GGUF's rename, before its staging folder went
+    # Held while it is checked, written, verified and committed: a second export to the same place is refused.
+    # (The commit renames the held folder to ``out``; the hold then ends with the process's use of it.)
+    with hold_run_dir(run_dir, exclusive=False), hold_run_dir(stage, exclusive=True):
+        done = completed_file(out, request) if single else completed_report(out, request)
+        if done is not None:
+            log.info("export already complete in %s (made by the same command); nothing to do", out)
+            if stage.exists():  # a kill after the GGUF's rename, before its staging folder went (or the hold's own)
+                shutil.rmtree(stage)
+            return {**done, "already_complete": True}
+
+        staged = completed_report(stage, request, strict=False)
+        if staged is not None and single and not (stage / out.name).is_file():
+            staged = None  # its file was committed and then removed by hand: make it again
+        if staged is not None:
+            log.info("found the finished export staged in %s; committing it", stage)
+            report = staged
+        else:
+            clear_dir(stage)  # left by an interrupted export; never holds anything else
+            try:
+                bits = src.quant["bits"]
+                mark("stage", "write")
+                details = writers[fmt](src, stage, out_dtype)
+                line = gguf.engine_line(details["gguf_types"]) if single else engine_line(fmt, bits, zero_point,
+                                                                                             out_dtype)
+                log.info("engines: %s", line)
+                report = {
+                    "format": fmt,
+                    "request": request,
+                    "run_dir": str(Path(run_dir).resolve()),
+                    "out_dir": str(out),
+                    "bits": bits,
+                    "group_size": src.quant["group_size"],
+                    "dtype": out_dtype,
+                    **details,
+                    "engines": [asdict(e) for e in gguf.engine_support()] if single else engine_table(fmt, bits,
+                                                                                                        zero_point),
+                    "engine_line": line,
+                    "frugal_qat_version": __version__,
+                }
+                log.info("exported %s into %s", fmt, stage)
+                if verify:
+                    mark("stage", "verify")
+                    report["verify"] = (gguf.verify_gguf(run_dir, stage / out.name, windows=windows) if single
+                                        else verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows))
+                if single:
+                    report["files"] = [out.name, side_report(out).name]
+                    report["bytes"] = (stage / out.name).stat().st_size
+                else:
+                    from frugal_qat.export.card import model_card
+
+                    atomic_write_bytes(stage / README_FILE, model_card(report).encode())
+                    files = sorted(p.name for p in stage.iterdir())
+                    report["files"] = sorted([*files, REPORT_FILE])
+                    report["bytes"] = sum((stage / f).stat().st_size for f in files)
+                report["export_seconds"] = round(time.time() - t0, 3)
+                atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
+            except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+        mark("stage", "commit")
+        kill_point("export_commit")
+        if single:
+            atomic_write_json(side_report(out), report)  # first: a GGUF without its report would be refused
+            kill_point("export_rename")
+            os.replace(stage / out.name, out)  # the commit
+            fsync_dir(out.parent)
+            kill_point("export_cleanup")
             shutil.rmtree(stage)
-        return {**done, "already_complete": True}
-
-    staged = completed_report(stage, request, strict=False)
-    if staged is not None and single and not (stage / out.name).is_file():
-        staged = None  # its file was committed and then removed by hand: make it again
-    if staged is not None:
-        log.info("found the finished export staged in %s; committing it", stage)
-        report = staged
-    else:
-        shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted export; never holds anything else
-        stage.mkdir(parents=True)
-        try:
-            bits = src.quant["bits"]
-            mark("stage", "write")
-            details = writers[fmt](src, stage, out_dtype)
-            line = gguf.engine_line(details["gguf_types"]) if single else engine_line(fmt, bits, zero_point,
-                                                                                         out_dtype)
-            log.info("engines: %s", line)
-            report = {
-                "format": fmt,
-                "request": request,
-                "run_dir": str(Path(run_dir).resolve()),
-                "out_dir": str(out),
-                "bits": bits,
-                "group_size": src.quant["group_size"],
-                "dtype": out_dtype,
-                **details,
-                "engines": [asdict(e) for e in gguf.engine_support()] if single else engine_table(fmt, bits,
-                                                                                                    zero_point),
-                "engine_line": line,
-                "frugal_qat_version": __version__,
-            }
-            log.info("exported %s into %s", fmt, stage)
-            if verify:
-                mark("stage", "verify")
-                report["verify"] = (gguf.verify_gguf(run_dir, stage / out.name, windows=windows) if single
-                                    else verify_export(run_dir, stage, fmt, export_dtype=out_dtype, windows=windows))
-            if single:
-                report["files"] = [out.name, side_report(out).name]
-                report["bytes"] = (stage / out.name).stat().st_size
-            else:
-                from frugal_qat.export.card import model_card
-
-                atomic_write_bytes(stage / README_FILE, model_card(report).encode())
-                files = sorted(p.name for p in stage.iterdir())
-                report["files"] = sorted([*files, REPORT_FILE])
-                report["bytes"] = sum((stage / f).stat().st_size for f in files)
-            report["export_seconds"] = round(time.time() - t0, 3)
-            atomic_write_json(stage / REPORT_FILE, report)  # last: its presence marks the staged export complete
-        except BaseException:  # a refusal or a failure leaves no staging folder behind (a kill does: redone)
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-    mark("stage", "commit")
-    kill_point("export_commit")
-    if single:
-        atomic_write_json(side_report(out), report)  # first: a GGUF without its report would be refused
+            log.info("exported gguf to %s (%.1f MB; report %s)", out, report["bytes"] / 1e6, side_report(out).name)
+            return report
+        if out.exists():
+            out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
         kill_point("export_rename")
-        os.replace(stage / out.name, out)  # the commit
+        os.replace(stage, out)  # the commit
         fsync_dir(out.parent)
-        kill_point("export_cleanup")
-        shutil.rmtree(stage)
-        log.info("exported gguf to %s (%.1f MB; report %s)", out, report["bytes"] / 1e6, side_report(out).name)
+        log.info("exported %s to %s (%d files, %.1f MB)", fmt, out, len(report["files"]), report["bytes"] / 1e6)
         return report
-    if out.exists():
-        out.rmdir()  # checked empty above; rename() will not replace a directory on every platform
-    kill_point("export_rename")
-    os.replace(stage, out)  # the commit
-    fsync_dir(out.parent)
-    log.info("exported %s to %s (%d files, %.1f MB)", fmt, out, len(report["files"]), report["bytes"] / 1e6)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
