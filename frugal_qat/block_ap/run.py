@@ -13,6 +13,7 @@ same command continues at the first unfinished stage and ends with bit-identical
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -290,7 +291,10 @@ def run_block_ap(
     """
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     check_paths(model_dir, out)  # before the hold creates ``out``: nothing is ever written into the source
-    with hold_run_dir(out, exclusive=True, enabled=rank_world()[0] == 0):
+    check_launch()  # before the hold: launched without --deepspeed, every process would take itself for rank 0
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone writes the run, so it alone holds it; a refusal reaches every rank (on_rank0).
+        on_rank0(lambda: held.enter_context(hold_run_dir(out, exclusive=True)))
         return _run(model_dir, out, cfg, windows, restart=restart, keep_work=keep_work, should_stop=should_stop,
                     show_progress=show_progress, mark=mark)
 
@@ -308,7 +312,6 @@ def _run(model_dir: Path, out: Path, cfg: RunConfig, windows: torch.Tensor, *, r
     gguf_types = check_layers(src, cfg)
     if tuple(windows.shape) != (d.train_size + d.val_size, d.seqlen):
         raise ConfigError(f"calibration windows have shape {tuple(windows.shape)}, expected {(d.train_size + d.val_size, d.seqlen)}")
-    check_launch()
     rank, world = rank_world()
     if b.grad_accum % world:
         raise ConfigError(f"block_ap.grad_accum={b.grad_accum} is not a multiple of the {world} processes; each "

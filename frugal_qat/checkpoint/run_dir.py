@@ -131,59 +131,66 @@ def read_quant_config(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _lock_holders(path: Path) -> list[int]:
-    """Pids holding a flock on ``path`` (Linux's /proc/locks names them by device and inode); [] where unknown."""
+    """Pids holding a flock on ``path``, from Linux's /proc/locks (device:inode); [] where unknown. Some file
+    systems (btrfs subvolumes) list another device number than stat gives: then the inode alone decides."""
     st = os.stat(path)
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
-        lines = Path("/proc/locks").read_text().splitlines()
+        rows = [f for f in map(str.split, Path("/proc/locks").read_text().splitlines())
+                if len(f) >= 6 and f[1] == "FLOCK" and f[4].isdigit()]
     except OSError:
         return []
-    pids = []
-    for line in lines:
-        f = line.split()
-        if len(f) >= 6 and f[1] == "FLOCK" and f[5] == key and f[4].isdigit():
-            pids.append(int(f[4]))
-    return sorted(set(pids))
+    exact = [int(f[4]) for f in rows if f[5] == key]
+    return sorted(set(exact or [int(f[4]) for f in rows if f[5].rsplit(":", 1)[-1] == str(st.st_ino)]))
 
 
 @contextlib.contextmanager
-def hold_run_dir(path: Path, *, exclusive: bool, enabled: bool = True) -> Iterator[None]:
+def hold_run_dir(path: Path, *, exclusive: bool) -> Iterator[None]:
     """Hold ``path`` against other frugal-qat commands for the body: exclusive to write it (Block-AP into its
-    run, E2E-QP into its output), shared to read it (E2E-QP and export read a finished run). Two writers, or a
-    writer and a reader, refuse with :class:`RunInUse` naming the other process; the second command never
-    touches the files (two runs in one directory would corrupt each other's streams and checkpoints).
+    run, E2E-QP into its output, an export into its staging folder), shared to read it (E2E-QP and export read a
+    finished run). Two writers, or a writer and a reader, refuse with :class:`RunInUse` naming the other process;
+    the second command never touches the files (two runs in one directory would corrupt each other's streams and
+    checkpoints).
 
     An exclusive hold creates ``path`` if needed and removes it again if the body left it empty (a run refused
     by its checks leaves no folder behind). The lock is ``flock`` on the directory itself: the kernel drops it
     when the process dies, so a killed run never leaves a stale lock and resumes at once. The directory is
     therefore cleared, never deleted, while held (:func:`clear_dir`): a new directory would carry no lock.
-    ``enabled`` False (ranks other than 0, which never write the run) holds nothing.
     """
-    if not enabled:
-        yield
-        return
     path = Path(path)
-    created = exclusive and not path.exists()
-    if exclusive:
-        path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    created = False
+    for _ in range(10):
+        if exclusive and not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            created = True
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             pids = [p for p in _lock_holders(path) if p != os.getpid()]
             who = f" (pid {', '.join(map(str, pids))})" if pids else ""
             raise RunInUse(
                 f"{path} is in use by another frugal-qat command{who}; wait for it to finish or stop it (Ctrl-C, or "
                 f"kill: the run resumes where it stopped), then run this command again"
             ) from None
+        try:  # the holder before us may have removed the folder it made (see below) between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise RunInUse(f"{path} keeps being removed and made again by another process; run this command again")
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
             if created and path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def clear_dir(path: Path) -> None:

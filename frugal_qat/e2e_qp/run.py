@@ -15,6 +15,7 @@ bitsandbytes' 8-bit AdamW runs without paging (its CPU build says paged optimize
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -364,7 +365,11 @@ def run_e2e_qp(
         raise ConfigError(f"--out {out} is the input run; E2E-QP writes a new run directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
-    with hold_run_dir(run_dir, exclusive=False, enabled=rank == 0), hold_run_dir(out, exclusive=True, enabled=rank == 0):
+    check_launch()  # before the holds: launched without --deepspeed, every process would take itself for rank 0
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone writes ``out``, so it alone holds the two; a refusal reaches every rank (on_rank0).
+        on_rank0(lambda: [held.enter_context(hold_run_dir(run_dir, exclusive=False)),
+                          held.enter_context(hold_run_dir(out, exclusive=True))])
         return _run(run_dir, out, cfg, data, device=device, restart=restart, should_stop=should_stop,
                     show_progress=show_progress, ds_config=ds_config, rank=rank, world=world, mark=mark)
 
@@ -375,7 +380,6 @@ def _run(run_dir: Path, out: Path, cfg: RunConfig, data: tuple[torch.Tensor, tor
     """:func:`run_e2e_qp` once its paths are checked and held."""
     t_start = time.time()
     e = cfg.e2e_qp
-    check_launch()
     device = local_device(device)
     should_stop = agreed(should_stop)
     ds_cfg = None

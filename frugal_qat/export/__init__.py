@@ -42,6 +42,7 @@ request; a ``FILE.gguf`` without a matching report is another file and is refuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -65,7 +66,7 @@ from frugal_qat.checkpoint.store import (
     kill_point,
     read_json,
 )
-from frugal_qat.errors import ConfigError, CorruptCheckpoint
+from frugal_qat.errors import ConfigError, CorruptCheckpoint, RunInUse
 from frugal_qat.offload.blocks import ModelSource
 
 log = logging.getLogger(__name__)
@@ -155,16 +156,23 @@ def export_run(
         if verify else None,
     }
     stage = out.parent / f".{out.name}.partial"
-    # Held while it is checked, written, verified and committed: a second export to the same place is refused.
-    # (The commit renames the held folder to ``out``; the hold then ends with the process's use of it.)
-    with hold_run_dir(run_dir, exclusive=False), hold_run_dir(stage, exclusive=True):
-        done = completed_file(out, request) if single else completed_report(out, request)
-        if done is not None:
-            log.info("export already complete in %s (made by the same command); nothing to do", out)
-            if stage.exists():  # a kill after the GGUF's rename, before its staging folder went (or the hold's own)
-                shutil.rmtree(stage)
-            return {**done, "already_complete": True}
+    def committed() -> dict | None:
+        return completed_file(out, request) if single else completed_report(out, request)
 
+    done = committed()
+    if done is not None:  # committed by a rename, so complete whoever else is running: nothing is held or written
+        log.info("export already complete in %s (made by the same command); nothing to do", out)
+        if single and stage.exists():  # a kill after the GGUF's rename, before its staging folder went
+            with contextlib.suppress(RunInUse), hold_run_dir(stage, exclusive=True):
+                shutil.rmtree(stage)
+        return {**done, "already_complete": True}
+
+    # Held while it is written, verified and committed: a second export to the same place is refused. (The commit
+    # renames the held folder to ``out``; the hold then ends with the process's use of it.)
+    with hold_run_dir(run_dir, exclusive=False), hold_run_dir(stage, exclusive=True):
+        done = committed()
+        if done is not None:  # the same export, run beside this one, committed between the check above and the hold
+            return {**done, "already_complete": True}
         staged = completed_report(stage, request, strict=False)
         if staged is not None and single and not (stage / out.name).is_file():
             staged = None  # its file was committed and then removed by hand: make it again

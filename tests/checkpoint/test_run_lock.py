@@ -116,6 +116,12 @@ def test_commands_refuse_a_run_directory_in_use(tmp_path, monkeypatch, capsys, h
     other = holders(run)
     refused(block_ap(), other.pid)
     assert list(run.iterdir()) == []
+    # Started by a launcher without --deepspeed, every process takes itself for rank 0: the launch error, not the
+    # hold of a sibling, is what each must see.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert block_ap() == 2
+    assert "not data parallel; pass --deepspeed" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
     other.kill()
     assert block_ap() == 0
     done = _tree(run)
@@ -139,7 +145,13 @@ def test_commands_refuse_a_run_directory_in_use(tmp_path, monkeypatch, capsys, h
     refused(main(["export", "--run", str(run), "--format", "fp16", "--out", str(tmp_path / "fp16"), "--no-verify"]),
             stager.pid)
     stager.kill()
-    assert main(["export", "--run", str(run), "--format", "fp16", "--out", str(tmp_path / "fp16"), "--no-verify"]) == 0
+    export = ["export", "--run", str(run), "--format", "fp16", "--out", str(tmp_path / "fp16"), "--no-verify"]
+    assert main(export) == 0
     assert not (tmp_path / ".fp16.partial").exists()
+    # The same export again is complete: nothing held, nothing made, even while the run is being written.
+    listing, writer = sorted(p.name for p in tmp_path.iterdir()), holders(run)
+    assert main(export) == 0 and "already complete" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    writer.kill()
     assert e2e_qp() == 0
     assert _tree(run) == done  # nothing the refused commands did reached the run
