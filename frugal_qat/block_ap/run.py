@@ -81,7 +81,7 @@ from frugal_qat.offload.aio import open_stream
 from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.prefetch import WaitClock, prefetch
 from frugal_qat.planner.check import machine_limits, require_fit, settings_from_config
-from frugal_qat.planner.profile import Mark, no_mark, peak_rss
+from frugal_qat.planner.profile import Mark, no_mark, peak_rss, return_large_frees_to_os
 from frugal_qat.precision import Precision, dtype_name, frozen
 from frugal_qat.precision import resolve as resolve_precision
 from frugal_qat.quantizer import kquant, resolve_group_size
@@ -289,6 +289,7 @@ def run_block_ap(
     ``out`` is held for the whole run (:func:`frugal_qat.checkpoint.run_dir.hold_run_dir`): a second command on it
     is refused while this one runs.
     """
+    return_large_frees_to_os()  # as the CLI does: the memory a library caller gets is the one measured
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     check_paths(model_dir, out)  # before the hold creates ``out``: nothing is ever written into the source
     check_launch()  # before the hold: launched without --deepspeed, every process would take itself for rank 0

@@ -66,7 +66,7 @@ from frugal_qat.offload.blocks import ModelSource
 from frugal_qat.offload.weights import read_config
 from frugal_qat.planner import PlanSettings
 from frugal_qat.planner.check import machine_limits, planner_grid, require_fit, settings_from_config
-from frugal_qat.planner.profile import Mark, no_mark, peak_rss
+from frugal_qat.planner.profile import Mark, no_mark, peak_rss, return_large_frees_to_os
 from frugal_qat.precision import Precision
 from frugal_qat.precision import resolve as resolve_precision
 from frugal_qat.quantizer.kquant import GGUFPackedLinear
@@ -358,6 +358,7 @@ def run_e2e_qp(
     ``out`` is held for the run and ``run_dir`` shared (:func:`frugal_qat.checkpoint.run_dir.hold_run_dir`): a
     second command writing either is refused while this one runs.
     """
+    return_large_frees_to_os()  # as the CLI does: the memory a library caller gets is the one measured
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     ds_config = None if ds_config is False else ds_config
     rank, world = init_from_env(required=True) if ds_config is not None else (0, 1)

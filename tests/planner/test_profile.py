@@ -241,3 +241,23 @@ def test_freed_tiles_leave_the_rss_once_the_mmap_threshold_is_fixed():
     # the 16 MiB of survivors stay either way; the 128 MiB of freed temporaries only without the fix
     assert held["default"] > 16 + 100, held  # the failure the fix is for is real on this libc
     assert held["fixed"] < 16 + 8, held
+
+
+def test_library_runs_fix_the_threshold_as_the_cli_does(monkeypatch, tmp_path):
+    """run_block_ap / run_e2e_qp called from Python get the memory the CLI's figures were measured with."""
+    import torch
+
+    from frugal_qat.block_ap import run as block_ap
+    from frugal_qat.config import RunConfig
+    from frugal_qat.e2e_qp import run as e2e_qp
+    from frugal_qat.errors import ConfigError
+
+    calls = []
+    for mod in (block_ap, e2e_qp):
+        monkeypatch.setattr(mod, "return_large_frees_to_os", lambda name=mod.__name__: calls.append(name) or True)
+    same = tmp_path / "x"  # refused at once (--out overlaps the input): the threshold is set before any check
+    with pytest.raises(ConfigError, match="overlaps"):
+        block_ap.run_block_ap(same, same, RunConfig(), torch.zeros(1, 1, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="is the input run"):
+        e2e_qp.run_e2e_qp(same, same, RunConfig(), (torch.zeros(1, 1), torch.zeros(1, 1)), device=torch.device("cpu"))
+    assert calls == [block_ap.__name__, e2e_qp.__name__]
