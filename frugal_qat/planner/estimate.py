@@ -174,6 +174,11 @@ class ModelShape:
         return max(self.linears, key=lambda lin: lin.numel)
 
     @property
+    def largest_attention_linear(self) -> Linear:
+        """The largest linear outside the MLP (q/k/v/o, or a fused qkv): what attention's forward casts at most."""
+        return max((lin for lin in self.linears if not lin.name.startswith("mlp.")), key=lambda lin: lin.numel)
+
+    @property
     def other_params(self) -> int:
         """Block parameters outside the quantized linears' weights: norms (and q/k norms), biases."""
         return self.block_params - self.block_linear_params
@@ -683,10 +688,10 @@ def _cast_cache(compute_bytes: int, largest: int) -> int:
     return compute_bytes * largest if compute_bytes < 4 else 0
 
 
-def _cast_cache_note(compute_bytes: int) -> str:
+def _cast_cache_note(compute_bytes: int, largest: str = "Wmax") -> str:
     if compute_bytes >= 4:
         return "0: no autocast (fp32)"
-    return (f"{compute_bytes}*Wmax: one weight's cast at a time (precision.frozen: no weight requires grad, so "
+    return (f"{compute_bytes}*{largest}: one weight's cast at a time (precision.frozen: no weight requires grad, so "
             "autocast caches none)")
 
 
@@ -805,8 +810,8 @@ def plan_block_ap(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         ]
     dev.append(_term("pack (quantize + check), largest linear", 13 * Wmax, "13*Wmax: codes, fp32 temporaries", "save"))
     if s.deterministic:
-        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Wmax),
-                         _cast_cache_note(cn), "stream attention"))
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, shape.largest_attention_linear.numel),
+                         _cast_cache_note(cn, "Wattn"), "stream attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, mb, L, False),
                          "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
                          "stream attention", *math_val))
@@ -987,8 +992,8 @@ def plan_ppl_eval(shape: ModelShape, s: PlanSettings) -> PhasePlan:
         _term("logits chunk + log-softmax (fp32)", 2 * rows * V * 4, "2*chunk*V*4, one window", "head"),
     ]
     if s.deterministic:
-        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, Wmax),
-                         _cast_cache_note(cn), "attention"))
+        dev.append(_term("autocast's cast of one attention weight", _cast_cache(cn, shape.largest_attention_linear.numel),
+                         _cast_cache_note(cn, "Wattn"), "attention"))
         dev.append(_term("math attention, no grad (deterministic)", math_attention_bytes(shape, s.eval_batch_size, L,
                                                                                           False),
                          "8*b*nh*L*L + 4*L*L + 20*b*L*nh*d + 4*b*L*H: fp32 scores, mask, q, k, v, normed input",
