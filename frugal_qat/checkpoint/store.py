@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from frugal_qat.errors import CorruptCheckpoint, OutOfSpace
 
 _TMP_SUFFIX = ".tmp-partial"
-# safetensors >= 0.7 writes through its own temporary file beside the target (Rust's tempfile crate: ".tmp" and six
-# random letters or digits) and renames it; a SIGKILL between the two leaves that file behind, ours never sees it.
+# safetensors (0.8 here; tests/checkpoint/test_store.py fails if that changes) writes through a temporary file of
+# its own beside the target (Rust's tempfile crate: ".tmp" and six random letters or digits) and renames it; a
+# SIGKILL between the two leaves that file behind, and our own clean-up never sees it.
 _SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
