@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,42 @@ class WindowDraw:
     tokens: int  # tokens they hold
     chars: int  # characters they hold
 
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named a ``.writing-HOST-PID`` folder may still be writing in it. Another host's
+    (a cache on a shared file system) always counts as alive: its pids mean nothing here."""
+    host, _, pid = name.removeprefix(".writing-").rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def save_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a file of the cache folder, which any number of processes share: each writes in a folder of its own
+    (``.writing-HOST-PID``, where safetensors also puts the temporary file it writes through) and renames the
+    finished file into place, so a reader sees a whole file or none. A kill mid-write leaves that folder, which
+    could hold a large partial file; the next writer on this host removes the folders of processes that are gone.
+    """
+    cache = Path(path).parent
+    cache.mkdir(parents=True, exist_ok=True)
+    for old in cache.glob(".writing-*"):
+        if not _writer_alive(old.name):
+            logger.info("removing %s, left by a process killed while it wrote the cache", old)
+            shutil.rmtree(old, ignore_errors=True)
+    own = cache / f".writing-{socket.gethostname()}-{os.getpid()}"
+    own.mkdir(exist_ok=True)
+    try:
+        save_file(tensors, own / Path(path).name, metadata=metadata)
+        os.replace(own / Path(path).name, path)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 def _batches(docs, max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS):
     batch, chars = [], 0
@@ -264,14 +302,8 @@ def sample_text_windows(
         except (SafetensorError, OSError, KeyError) as exc:
             logger.warning("windows cache %s is unreadable (%s); drawing again", path, exc)
     draw = draw_windows(tokenizer, source, n, seqlen, seed, sampling)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {"source": source, "key": key, "sampling": sampling, "seed": str(seed), "documents": str(draw.documents)}
-    try:
-        save_file({"windows": draw.windows.contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
+    save_cache_file(path, {"windows": draw.windows.contiguous()}, meta)
     return draw.windows.to(torch.int64)
 
 
@@ -403,13 +435,7 @@ def load_token_stream(tokenizer, source: str, cache_dir: Path | None = None) -> 
         except (SafetensorError, OSError, KeyError) as exc:
             logger.warning("token cache %s is unreadable (%s); tokenizing again", path, exc)
     tokens = tokenize_documents(tokenizer, load_documents(source))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({"tokens": tokens.to(torch.int32)}, tmp, metadata={"source": source, "key": key})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
+    save_cache_file(path, {"tokens": tokens.to(torch.int32)}, {"source": source, "key": key})
     logger.info("token cache written: %s (%d tokens)", path, tokens.numel())
     return tokens
 

@@ -378,3 +378,33 @@ def test_windows_are_int32_until_returned(tmp_path):
     assert draw.windows.dtype == torch.int32 and draw.documents >= 4 and draw.tokens >= 4 * 32
     out = sample_text_windows(number_tokenizer(), source, 4, 32, 0)
     assert out.dtype == torch.int64 and np.array_equal(out.numpy(), draw.windows.numpy())
+
+
+def test_a_kill_while_writing_the_cache_leaves_nothing_the_next_writer_keeps(tmp_path):
+    # The cache folder is shared by every run, so a partial file there is not a run's to delete on resume: each
+    # writer works in a folder of its own, and the next writer removes the folders of processes that are gone.
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    code = ("import sys, torch\nfrom pathlib import Path\nfrom frugal_qat.data.windows import save_cache_file\n"
+            "save_cache_file(Path(sys.argv[1]) / 'tokens-big.safetensors', "
+            "{'tokens': torch.zeros(1 << 27, dtype=torch.int32)}, {})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cache)])
+    deadline = time.monotonic() + 120
+    try:  # killed once safetensors has started its file inside the writer's folder
+        while not list(cache.glob(".writing-*/.tmp*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no partial file seen"
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (left,) = cache.glob(".writing-*")
+    assert left.name.endswith(f"-{proc.pid}") and not (cache / "tokens-big.safetensors").exists()
+    live = cache / f".writing-{windows.socket.gethostname()}-{os.getppid()}"  # a live process's: kept
+    live.mkdir()
+    windows.save_cache_file(cache / "tokens-small.safetensors", {"tokens": torch.arange(5, dtype=torch.int32)}, {})
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, "tokens-small.safetensors"])
+    assert torch.equal(load_file(cache / "tokens-small.safetensors")["tokens"], torch.arange(5, dtype=torch.int32))
