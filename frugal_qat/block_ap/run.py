@@ -13,7 +13,6 @@ same command continues at the first unfinished stage and ends with bit-identical
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import json
@@ -39,7 +38,7 @@ from frugal_qat.block_ap.train_block import (
 from frugal_qat.checkpoint.run_dir import (
     clear_dir,
     extra_tensors,
-    hold_run_dir,
+    hold_run_dirs,
     is_run_dir,
     model_bytes,
     save_block,
@@ -293,9 +292,7 @@ def run_block_ap(
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     check_paths(model_dir, out)  # before the hold creates ``out``: nothing is ever written into the source
     check_launch()  # before the hold: launched without --deepspeed, every process would take itself for rank 0
-    with contextlib.ExitStack() as held:
-        # Rank 0 alone writes the run, so it alone holds it; a refusal reaches every rank (on_rank0).
-        on_rank0(lambda: held.enter_context(hold_run_dir(out, exclusive=True)))
+    with hold_run_dirs(write=(out,)):
         return _run(model_dir, out, cfg, windows, restart=restart, keep_work=keep_work, should_stop=should_stop,
                     show_progress=show_progress, mark=mark)
 

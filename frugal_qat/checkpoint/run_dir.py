@@ -30,6 +30,7 @@ import torch
 
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY, block_prefix
 from frugal_qat.checkpoint.store import atomic_copy, atomic_save_tensors, atomic_write_json
+from frugal_qat.distributed import on_rank0
 from frugal_qat.errors import RunInUse
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,23 @@ def hold_run_dir(path: Path, *, exclusive: bool) -> Iterator[None]:
                 path.rmdir()
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_run_dirs(*, read: tuple[Path, ...] = (), write: tuple[Path, ...] = ()) -> Iterator[None]:
+    """What a command holds for its body (:func:`hold_run_dir`): ``read`` shared, ``write`` exclusive. Rank 0
+    alone writes a run, so it alone holds them; a refusal reaches every rank (``on_rank0``), so none is left
+    waiting at a barrier for a rank 0 that stopped."""
+    with contextlib.ExitStack() as held:
+
+        def take() -> None:
+            for path in read:
+                held.enter_context(hold_run_dir(path, exclusive=False))
+            for path in write:
+                held.enter_context(hold_run_dir(path, exclusive=True))
+
+        on_rank0(take)
+        yield
 
 
 def clear_dir(path: Path) -> None:

@@ -177,8 +177,6 @@ def remove_partials(directory: Path) -> None:
     Ours end in ``.tmp-partial``; safetensors' own (see ``_SAFETENSORS_TMP``) can be as large as a block checkpoint.
     Called when a run resumes: a run directory has one writer, so no live write's temporary file is in it.
     """
-    for p in Path(directory).rglob(".tmp*"):
-        if p.is_file() and _SAFETENSORS_TMP.fullmatch(p.name):
+    for p in Path(directory).rglob("*"):  # one walk of the run directory for both kinds
+        if p.is_file() and (p.name.endswith(_TMP_SUFFIX) or _SAFETENSORS_TMP.fullmatch(p.name)):
             p.unlink(missing_ok=True)
-    for p in Path(directory).rglob("*" + _TMP_SUFFIX):
-        p.unlink(missing_ok=True)

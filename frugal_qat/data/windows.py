@@ -75,7 +75,6 @@ class WindowDraw:
     chars: int  # characters they hold
 
 
-
 def _writer_alive(name: str) -> bool:
     """Whether the process that named a ``.writing-HOST-PID`` folder may still be writing in it. Another host's
     (a cache on a shared file system) always counts as alive: its pids mean nothing here."""
@@ -110,6 +109,7 @@ def save_cache_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
         os.replace(own / Path(path).name, path)
     finally:
         shutil.rmtree(own, ignore_errors=True)
+
 
 def _batches(docs, max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS):
     batch, chars = [], 0

@@ -15,7 +15,6 @@ bitsandbytes' 8-bit AdamW runs without paging (its CPU build says paged optimize
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
@@ -34,7 +33,7 @@ from frugal_qat.checkpoint.run_dir import (
     INDEX_FILE,
     TOKENIZER_FILES,
     clear_dir,
-    hold_run_dir,
+    hold_run_dirs,
     model_bytes,
     read_quant_config,
     save_block,
@@ -367,10 +366,7 @@ def run_e2e_qp(
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ConfigError(f"--out {out} is a non-empty directory that is not a frugal-qat run; choose another")
     check_launch()  # before the holds: launched without --deepspeed, every process would take itself for rank 0
-    with contextlib.ExitStack() as held:
-        # Rank 0 alone writes ``out``, so it alone holds the two; a refusal reaches every rank (on_rank0).
-        on_rank0(lambda: [held.enter_context(hold_run_dir(run_dir, exclusive=False)),
-                          held.enter_context(hold_run_dir(out, exclusive=True))])
+    with hold_run_dirs(read=(run_dir,), write=(out,)):
         return _run(run_dir, out, cfg, data, device=device, restart=restart, should_stop=should_stop,
                     show_progress=show_progress, ds_config=ds_config, rank=rank, world=world, mark=mark)
 

@@ -57,7 +57,7 @@ import torch
 
 from frugal_qat import __version__
 from frugal_qat.arch import EMBED_KEY, LM_HEAD_KEY, NORM_KEY
-from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES, clear_dir, hold_run_dir
+from frugal_qat.checkpoint.run_dir import INDEX_FILE, TOKENIZER_FILES, clear_dir, hold_run_dir, hold_run_dirs
 from frugal_qat.checkpoint.store import (
     atomic_save_tensors,
     atomic_write_bytes,
@@ -169,7 +169,7 @@ def export_run(
 
     # Held while it is written, verified and committed: a second export to the same place is refused. (The commit
     # renames the held folder to ``out``; the hold then ends with the process's use of it.)
-    with hold_run_dir(run_dir, exclusive=False), hold_run_dir(stage, exclusive=True):
+    with hold_run_dirs(read=(run_dir,), write=(stage,)):
         done = committed()
         if done is not None:  # the same export, run beside this one, committed between the check above and the hold
             return {**done, "already_complete": True}

@@ -77,6 +77,8 @@ def test_a_kill_inside_safetensors_leaves_its_temporary_file_and_resume_drops_it
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep.tmp.json").write_text("{}")  # not a temporary file of either kind
+    (run / "work").mkdir()
+    (run / "work" / "manifest.json.tmp-partial").write_text("{")  # ours, from a kill inside _atomic_write
     proc = subprocess.Popen([sys.executable, "-c", code, str(run / "block.safetensors")])
     deadline = time.monotonic() + 120
     try:
@@ -89,4 +91,4 @@ def test_a_kill_inside_safetensors_leaves_its_temporary_file_and_resume_drops_it
     left = sorted(p.name for p in run.iterdir())
     assert any(store._SAFETENSORS_TMP.fullmatch(n) for n in left), left
     store.remove_partials(run)
-    assert sorted(p.name for p in run.iterdir()) == ["keep.tmp.json"]
+    assert sorted(p.name for p in run.rglob("*")) == ["keep.tmp.json", "work"]
